@@ -1,0 +1,197 @@
+"""The `duquant` command line: a thin typer shell over `duquant_cli.commands`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from duquant_cli.config import (
+    Precision,
+    QuantConfig,
+    Rotation,
+    RowRot,
+    Scheme,
+    parse_layer_bits,
+)
+from duquant_cli.errors import DuQuantError
+
+app = typer.Typer(
+    help="DuQuant post-training quantization: pack checkpoints, inspect and apply packs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+_debug = {"on": False}
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+) -> None:
+    _debug["on"] = debug
+
+
+def clean_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Map the project's errors (and OS errors) to one line on stderr and exit code 1."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (DuQuantError, OSError) as exc:
+            if _debug["on"]:
+                raise
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            err.print(f"[red]error:[/red] {escape(msg)}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err.print("[red]interrupted[/red]: nothing was published")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=1, default=str) + "\n")
+
+
+@app.command("pack")
+@clean_errors
+def pack_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="safetensors file, folder, index or .bin/.pt")],
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Pack folder [packs/<ckpt>-<bits>-b<B>]")
+    ] = None,
+    bits: Annotated[str, typer.Option(help="Precision wXaY: w 2-8|16, a 4-8|16")] = "w4a8",
+    block: Annotated[int, typer.Option(help="Input block size of the rotations.")] = 16,
+    block_out: Annotated[int | None, typer.Option(help="Output row block size [--block].")] = None,
+    rotation: Annotated[Rotation, typer.Option(help="Block rotation kind.")] = Rotation.HADAMARD,
+    row_rot: Annotated[RowRot, typer.Option(help="Output row rotation mode.")] = RowRot.RESTORE,
+    permute: Annotated[bool, typer.Option(help="Zigzag permutation of input channels.")] = True,
+    smooth: Annotated[
+        float, typer.Option(help="Lambda pulling column energies toward their mean.")
+    ] = 0.15,
+    group_size: Annotated[
+        int | None, typer.Option(help="Weight quantization group size [per channel].")
+    ] = None,
+    weight_scheme: Annotated[Scheme, typer.Option(help="Weight quantization.")] = Scheme.SYM,
+    clip_search: Annotated[bool, typer.Option(help="MSE search of the weight clip.")] = True,
+    act_scheme: Annotated[Scheme, typer.Option(help="Per-token activations.")] = Scheme.SYM,
+    act_clip: Annotated[float, typer.Option(help="Activation range clip ratio.")] = 1.0,
+    include: Annotated[
+        list[str] | None, typer.Option(help="Regex a layer name must match (repeatable).")
+    ] = None,
+    exclude: Annotated[
+        list[str] | None, typer.Option(help="Regex of layer names to leave out (repeatable).")
+    ] = None,
+    scope: Annotated[str, typer.Option(help="Only keys starting with this prefix.")] = "",
+    default_exclude: Annotated[
+        bool, typer.Option(help="Leave out embeddings, norms and the output head.")
+    ] = True,
+    layer_bits: Annotated[
+        list[str] | None, typer.Option(help="Per-layer precision REGEX=wXaY (repeatable).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of every random choice.")] = 0,
+    force: Annotated[bool, typer.Option(help="Replace an existing pack.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="List layers and sizes; write nothing.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
+) -> None:
+    """Pack a checkpoint's linear layers into a DuQuant pack."""
+    from duquant_cli.commands.pack import pack
+    from duquant_cli.formats.selection import Selection
+
+    cfg = QuantConfig(
+        precision=Precision.parse(bits),
+        layer_bits=parse_layer_bits(layer_bits or []),
+        block=block,
+        block_out=block_out,
+        permute=permute,
+        smooth_lambda=smooth,
+        rotation=rotation,
+        row_rot=row_rot,
+        group_size=group_size,
+        weight_scheme=weight_scheme,
+        clip_search=clip_search,
+        act_scheme=act_scheme,
+        act_clip=act_clip,
+        seed=seed,
+    )
+    sel = Selection(tuple(include or ()), tuple(exclude or ()), scope, default_exclude)
+    if dry_run or as_json:
+        summary = pack(checkpoint, out_dir, config=cfg, selection=sel, force=force, dry_run=dry_run)
+    else:
+        with _progress() as bar:
+            task = bar.add_task("packing", total=None)
+
+            def tick(name: str, nbytes: int) -> None:
+                bar.update(task, advance=nbytes, description=name)
+
+            summary = pack(
+                checkpoint, out_dir, config=cfg, selection=sel, force=force, progress=tick
+            )
+    if as_json:
+        _print_json(summary.to_json())
+        return
+    _print_summary(summary)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}", style="cyan"),
+        BarColumn(),
+        TransferSpeedColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    )
+
+
+def _print_summary(summary) -> None:
+    if summary.dry_run:
+        table = Table(title=f"dry run: would write {summary.out}")
+        for col in ("layer", "shape", "precision", "est. bytes"):
+            table.add_column(col)
+        for r in summary.layers:
+            table.add_row(r.name, f"{r.shape[0]}x{r.shape[1]}", r.precision, _mb(r.bytes))
+        out.print(table)
+    for key, reason in summary.skipped:
+        err.print(f"skipped {key}: {reason}", highlight=False)
+    table = Table(title="pack" if not summary.dry_run else "estimate", show_header=False)
+    table.add_row("pack", str(summary.out))
+    table.add_row("layers", str(len(summary.layers)))
+    table.add_row("parameters", f"{summary.params:,}")
+    if not summary.dry_run:
+        table.add_row("time", f"{summary.seconds:.1f} s ({summary.mb_per_s:,.0f} MB/s)")
+    table.add_row("pack size", _mb(summary.pack_bytes))
+    table.add_row("vs fp16 source", f"{summary.pack_bytes / summary.fp16_bytes:.3f}x")
+    out.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

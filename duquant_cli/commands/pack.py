@@ -1,0 +1,210 @@
+"""`pack`: checkpoint -> pack, streaming one layer at a time."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+import duquant_cli
+from duquant_cli.config import Precision, QuantConfig
+from duquant_cli.formats.checkpoint import checkpoint_name, open_checkpoint, tensor_sha256
+from duquant_cli.formats.pack import PackWriter
+from duquant_cli.formats.selection import PlannedLayer, Selection, select_layers
+from duquant_cli.math.bitpack import packed_cols
+from duquant_cli.math.layer_pack import build_layer
+
+Progress = Callable[[str, int], None]  # (layer name, weight bytes just processed)
+
+
+@dataclass
+class LayerResult:
+    name: str
+    shape: tuple[int, int]
+    precision: str
+    bytes: int
+    source_bytes: int
+    seconds: float = 0.0
+    weight_rel_error: float | None = None
+
+
+@dataclass
+class PackSummary:
+    """What a pack run did (or, with dry_run, would do)."""
+
+    out: Path
+    dry_run: bool
+    layers: list[LayerResult]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def params(self) -> int:
+        return sum(r.shape[0] * r.shape[1] for r in self.layers)
+
+    @property
+    def pack_bytes(self) -> int:
+        return sum(r.bytes for r in self.layers)
+
+    @property
+    def fp16_bytes(self) -> int:
+        return 2 * self.params
+
+    @property
+    def mb_per_s(self) -> float:
+        src = sum(r.source_bytes for r in self.layers)
+        return src / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+    def to_json(self) -> dict:
+        return {
+            "out": str(self.out),
+            "dry_run": self.dry_run,
+            "layers": [r.__dict__ | {"shape": list(r.shape)} for r in self.layers],
+            "skipped": [{"key": k, "reason": r} for k, r in self.skipped],
+            "params": self.params,
+            "pack_bytes": self.pack_bytes,
+            "fp16_bytes": self.fp16_bytes,
+            "size_vs_fp16": self.pack_bytes / self.fp16_bytes if self.fp16_bytes else None,
+            "seconds": self.seconds,
+            "mb_per_s": self.mb_per_s,
+        }
+
+
+def estimate_bytes(layer: PlannedLayer, cfg: QuantConfig) -> int:
+    """Bytes a layer takes in the pack, from its shape and precision alone."""
+    out_f, in_f = layer.out_features, layer.in_features
+    p = layer.precision
+    n = 0
+    if p.quantize_weight:
+        groups = in_f // (cfg.group_size or in_f)
+        n += out_f * packed_cols(in_f, p.w_bits) + 4 * out_f * groups
+        n += out_f * groups if cfg.weight_scheme.value == "asym" else 0
+    else:
+        n += 4 * out_f * in_f
+    n += 8 * in_f if cfg.permute else 0
+    if cfg.rotation.value != "none":
+        b, bo = min(cfg.block, in_f), min(cfg.row_block, out_f)
+        n += 4 * ((in_f // b) * b * b + (in_f % b) ** 2)
+        if cfg.row_rot.value != "off":
+            n += 4 * ((out_f // bo) * bo * bo + (out_f % bo) ** 2)
+    return n
+
+
+def default_out(checkpoint: Path, cfg: QuantConfig) -> Path:
+    return Path("packs") / f"{checkpoint_name(checkpoint)}-{cfg.precision}-b{cfg.block}"
+
+
+def layer_meta(cfg: QuantConfig, precision: Precision) -> tuple[dict, dict]:
+    """The manifest's per-layer `transform` and `quant` records for a data-free layer."""
+    transform = {
+        "block": cfg.block,
+        "block_out": cfg.row_block,
+        "permute": cfg.permute,
+        "rotation": cfg.rotation.value,
+        "row_rot": cfg.row_rot.value,
+        "calibrated": cfg.calibrated,
+    }
+    quant = {
+        "w_bits": precision.w_bits,
+        "a_bits": precision.a_bits,
+        "weight_scheme": cfg.weight_scheme.value,
+        "group_size": cfg.group_size,
+        "clip_search": cfg.clip_search,
+        "act_scheme": cfg.act_scheme.value,
+        "act_clip": cfg.act_clip,
+        "act_mode": "dynamic" if precision.quantize_act else "none",
+    }
+    return transform, quant
+
+
+def pack(
+    checkpoint: str | Path,
+    out: str | Path | None = None,
+    *,
+    config: QuantConfig | None = None,
+    selection: Selection | None = None,
+    force: bool = False,
+    dry_run: bool = False,
+    progress: Progress | None = None,
+) -> PackSummary:
+    """Pack a checkpoint's linear layers.
+
+    Args:
+        checkpoint: a safetensors file, a folder, a sharded index or a `.bin`/`.pt` state dict.
+        out: pack folder; default `packs/<checkpoint>-<bits>-b<block>`.
+        config: the quantization configuration (defaults: w4a8, block 16, hadamard, restore).
+        selection: which layers (default: every linear weight but embeddings, norms, head).
+        force: replace an existing pack at `out`.
+        dry_run: plan only: list layers and estimated sizes, write nothing.
+        progress: called after each layer with its name and source bytes.
+
+    Returns:
+        A PackSummary.
+
+    Example:
+        >>> pack("model.safetensors", "packs/m", config=QuantConfig())  # doctest: +SKIP
+    """
+    cfg = config or QuantConfig()
+    sel = selection or Selection()
+    checkpoint = Path(checkpoint)
+    out_dir = Path(out) if out is not None else default_out(checkpoint, cfg)
+    with open_checkpoint(checkpoint) as ckpt:
+        plan = select_layers(ckpt, sel, cfg)
+        results = [
+            LayerResult(
+                pl.name,
+                (pl.out_features, pl.in_features),
+                str(pl.precision),
+                estimate_bytes(pl, cfg),
+                pl.out_features * pl.in_features * ckpt.info(pl.weight_key).dtype.itemsize,
+            )
+            for pl in plan.layers
+        ]
+        if dry_run:
+            return PackSummary(out_dir, True, results, plan.skipped)
+        start = time.perf_counter()
+        with PackWriter(out_dir, force=force) as writer:
+            for pl, res in zip(plan.layers, results, strict=True):
+                t0 = time.perf_counter()
+                weight = ckpt.tensor(pl.weight_key)
+                bias = ckpt.tensor(pl.bias_key) if pl.bias_key else None
+                lp = build_layer(pl.name, weight, bias, cfg, pl.precision)
+                transform, quant = layer_meta(cfg, pl.precision)
+                source = {
+                    "key": pl.weight_key,
+                    "dtype": str(weight.dtype).removeprefix("torch."),
+                    "sha256": tensor_sha256(weight),
+                    "bias": pl.bias_key,
+                }
+                entry = writer.add(
+                    pl.name,
+                    lp.tensors,
+                    shape=(pl.out_features, pl.in_features),
+                    precision=pl.precision,
+                    transform=transform,
+                    quant=quant,
+                    source=source,
+                    info=lp.info,
+                )
+                res.bytes = entry.nbytes
+                res.seconds = time.perf_counter() - t0
+                res.weight_rel_error = lp.info.get("weight_rel_error")
+                if progress:
+                    progress(pl.name, res.source_bytes)
+                del weight, bias, lp
+            header = {
+                "tool": {"name": "duquant", "version": duquant_cli.__version__},
+                "torch_version": torch.__version__,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "config": cfg.to_json(),
+                "selection": sel.__dict__
+                | {"include": list(sel.include)}
+                | {"exclude": list(sel.exclude)},
+                "source": ckpt.identity(),
+            }
+            writer.commit(header)
+        return PackSummary(out_dir, False, results, plan.skipped, time.perf_counter() - start)

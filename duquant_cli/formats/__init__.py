@@ -1,0 +1,1 @@
+"""File formats: checkpoints read without model code, and duquant packs."""

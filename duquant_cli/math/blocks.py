@@ -1,0 +1,82 @@
+"""Block-diagonal matrices stored as a stack of equal blocks plus an optional smaller tail.
+
+A dimension n with block size B holds n // B full blocks; the n % B channels left over form one
+tail block. Every transform in a pack uses this shape, so one function applies all of them with a
+single batched matmul (and a second small one for the tail) instead of a loop over blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class BlockDiag:
+    """blocks: [n_blocks, B, B]; tail: [t, t] for the last n % B channels, or None."""
+
+    blocks: torch.Tensor
+    tail: torch.Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        n, b, _ = self.blocks.shape
+        return n * b + (0 if self.tail is None else self.tail.shape[0])
+
+    def to(self, dtype: torch.dtype) -> BlockDiag:
+        tail = None if self.tail is None else self.tail.to(dtype)
+        return BlockDiag(self.blocks.to(dtype), tail)
+
+    def inverse_transpose(self) -> BlockDiag:
+        """(M^-1)^T blockwise: what the weight side needs so that (x M)(W M^-T)^T = x W^T."""
+        tail = None if self.tail is None else torch.linalg.inv(self.tail).mT
+        return BlockDiag(torch.linalg.inv(self.blocks).mT, tail)
+
+    def transpose(self) -> BlockDiag:
+        tail = None if self.tail is None else self.tail.mT
+        return BlockDiag(self.blocks.mT, tail)
+
+
+def split_sizes(n: int, block: int) -> tuple[int, int]:
+    """(number of full blocks, tail size) for a dimension of n with blocks of `block`."""
+    b = min(block, n)
+    return n // b, n % b
+
+
+def apply_blocks(
+    x: torch.Tensor, blocks: torch.Tensor, tail: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x @ blockdiag(blocks, tail) over the last dim, for any leading shape."""
+    n_blocks, b, _ = blocks.shape
+    head = n_blocks * b
+    lead = x.shape[:-1]
+    xb = x[..., :head].reshape(-1, n_blocks, b)
+    y = torch.einsum("tnb,nbc->tnc", xb, blocks).reshape(*lead, head)
+    if tail is None:
+        return y
+    return torch.cat([y, x[..., head:] @ tail], dim=-1)
+
+
+def apply_blocks_rows(w: torch.Tensor, bd: BlockDiag) -> torch.Tensor:
+    """blockdiag(R) @ w: each row block of w left-multiplied by its R (the output-side rotation)."""
+    out = apply_blocks(w.mT, bd.blocks.mT, None if bd.tail is None else bd.tail.mT)
+    return out.mT.contiguous()
+
+
+def stack_blocks(n: int, block: int, make) -> BlockDiag:
+    """Build a BlockDiag for dimension n from `make(count, size) -> [count, size, size]`."""
+    n_blocks, tail = split_sizes(n, block)
+    b = min(block, n)
+    return BlockDiag(make(n_blocks, b), make(1, tail)[0] if tail else None)
+
+
+def orthogonality_error(bd: BlockDiag) -> float:
+    """max |R R^T - I| over all blocks (and the tail)."""
+    mats = [bd.blocks] + ([bd.tail[None]] if bd.tail is not None else [])
+    err = 0.0
+    for m in mats:
+        m = m.double()
+        eye = torch.eye(m.shape[-1], dtype=m.dtype)
+        err = max(err, float((m @ m.mT - eye).abs().amax()))
+    return err

