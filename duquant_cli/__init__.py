@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
 from duquant_cli.config import Precision, QuantConfig, Rotation, RowRot, Scheme
@@ -14,32 +17,72 @@ from duquant_cli.errors import (
     TransformError,
 )
 
+# Names backed by torch load on first use: torch alone takes seconds to import, and `duquant
+# inspect` / `--help` never need it.
+_LAZY = {
+    "PackSummary": "duquant_cli.commands.pack",
+    "pack": "duquant_cli.commands.pack",
+    "PackReport": "duquant_cli.commands.inspect",
+    "inspect_pack": "duquant_cli.commands.inspect",
+    "VerifyReport": "duquant_cli.commands.verify",
+    "verify_pack": "duquant_cli.commands.verify",
+    "SourceCheck": "duquant_cli.commands.stale",
+    "check_source": "duquant_cli.commands.stale",
+    "Backend": "duquant_cli.runtime.backends",
+    "calibrating": "duquant_cli.runtime.calibrate",
+    "save_act_scales": "duquant_cli.runtime.calibrate",
+    "DuQuantLinear": "duquant_cli.runtime.layer",
+    "LoadReport": "duquant_cli.runtime.loader",
+    "load_packed": "duquant_cli.runtime.loader",
+    "status": "duquant_cli.runtime.status",
+    "render_status": "duquant_cli.commands.report",
+}
+
+if TYPE_CHECKING:
+    from duquant_cli.commands.inspect import PackReport, inspect_pack
+    from duquant_cli.commands.pack import PackSummary, pack
+    from duquant_cli.commands.report import render_status
+    from duquant_cli.commands.stale import SourceCheck, check_source
+    from duquant_cli.commands.verify import VerifyReport, verify_pack
+    from duquant_cli.runtime.backends import Backend
+    from duquant_cli.runtime.calibrate import calibrating, save_act_scales
+    from duquant_cli.runtime.layer import DuQuantLinear
+    from duquant_cli.runtime.loader import LoadReport, load_packed
+    from duquant_cli.runtime.status import status
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'duquant_cli' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = [
-    "CheckpointError",
-    "ConfigError",
-    "DuQuantError",
-    "MismatchError",
-    "PackError",
+    "__version__",
     # configuration
     "Precision",
     "QuantConfig",
     "Rotation",
     "RowRot",
     "Scheme",
-    "TransformError",
-    "__version__",
-]
-
-from duquant_cli.commands.pack import pack  # noqa: E402
-from duquant_cli.runtime.backends import Backend  # noqa: E402
-from duquant_cli.runtime.calibrate import calibrating, save_act_scales  # noqa: E402
-from duquant_cli.runtime.layer import DuQuantLinear  # noqa: E402
-from duquant_cli.runtime.loader import LoadReport, load_packed  # noqa: E402
-from duquant_cli.runtime.status import status  # noqa: E402
-
-__all__ += [
     # packing
+    "PackSummary",
     "pack",
+    # inspection
+    "PackReport",
+    "SourceCheck",
+    "VerifyReport",
+    "check_source",
+    "inspect_pack",
+    "render_status",
+    "verify_pack",
     # runtime
     "Backend",
     "DuQuantLinear",
@@ -48,4 +91,11 @@ __all__ += [
     "load_packed",
     "save_act_scales",
     "status",
+    # errors
+    "CheckpointError",
+    "ConfigError",
+    "DuQuantError",
+    "MismatchError",
+    "PackError",
+    "TransformError",
 ]

@@ -107,7 +107,8 @@ def small_state(dtype: torch.dtype = torch.float32, seed: int = 0) -> dict[str, 
     }
 
 
-SMALL_LINEARS = ["layers.0.attn.q_proj", "layers.0.mlp.up", "layers.0.mlp.down"]
+# checkpoint order: safetensors lists keys sorted
+SMALL_LINEARS = ["layers.0.attn.q_proj", "layers.0.mlp.down", "layers.0.mlp.up"]
 
 
 def write_safetensors(path: Path, state: dict[str, torch.Tensor]) -> Path:

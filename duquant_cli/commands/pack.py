@@ -11,11 +11,14 @@ from pathlib import Path
 import torch
 
 import duquant_cli
-from duquant_cli.config import Precision, QuantConfig
+from duquant_cli.config import Precision, QuantConfig, Rotation, RowRot
+from duquant_cli.errors import ConfigError
 from duquant_cli.formats.checkpoint import checkpoint_name, open_checkpoint, tensor_sha256
 from duquant_cli.formats.pack import PackWriter
 from duquant_cli.formats.selection import PlannedLayer, Selection, select_layers
+from duquant_cli.formats.stats import Stats
 from duquant_cli.math.bitpack import packed_cols
+from duquant_cli.math.calibrated import build_calibrated_layer
 from duquant_cli.math.layer_pack import build_layer
 
 Progress = Callable[[str, int], None]  # (layer name, weight bytes just processed)
@@ -91,15 +94,33 @@ def estimate_bytes(layer: PlannedLayer, cfg: QuantConfig) -> int:
         n += 4 * ((in_f // b) * b * b + (in_f % b) ** 2)
         if cfg.row_rot.value != "off":
             n += 4 * ((out_f // bo) * bo * bo + (out_f % bo) ** 2)
+        if cfg.row_rot.value == "propagate" and layer.bias_key:
+            n += 4 * out_f  # the rotated bias, stored in float32
+    if cfg.calibrated:  # in1 = diag(1/s) R1, stored even without a rotation
+        b = min(cfg.block, in_f)
+        n += 4 * ((in_f // b) * b * b + (in_f % b) ** 2)
     return n
+
+
+def calibrated_config(**changes) -> QuantConfig:
+    """The default config of a pack built from statistics: DuQuant's recipe (greedy rotation,
+    zigzag, smoothing folded in), with `changes` applied."""
+    base = {"calibrated": True, "rotation": Rotation.GREEDY, "row_rot": RowRot.OFF}
+    return QuantConfig(**(base | changes))
 
 
 def default_out(checkpoint: Path, cfg: QuantConfig) -> Path:
     return Path("packs") / f"{checkpoint_name(checkpoint)}-{cfg.precision}-b{cfg.block}"
 
 
-def layer_meta(cfg: QuantConfig, precision: Precision) -> tuple[dict, dict]:
-    """The manifest's per-layer `transform` and `quant` records for a data-free layer."""
+def layer_meta(
+    cfg: QuantConfig, precision: Precision, alpha: float | None = None
+) -> tuple[dict, dict]:
+    """The manifest's per-layer `transform` and `quant` records.
+
+    A calibrated layer adds `smoothed: true` (its in1 is diag(1/s) @ R1, not orthogonal),
+    the smoothing `alpha` it was built with, and `rot_steps`.
+    """
     transform = {
         "block": cfg.block,
         "block_out": cfg.row_block,
@@ -108,6 +129,12 @@ def layer_meta(cfg: QuantConfig, precision: Precision) -> tuple[dict, dict]:
         "row_rot": cfg.row_rot.value,
         "calibrated": cfg.calibrated,
     }
+    if cfg.calibrated:
+        transform |= {
+            "smoothed": True,
+            "alpha": cfg.alpha if alpha is None else alpha,
+            "rot_steps": cfg.rot_steps,
+        }
     quant = {
         "w_bits": precision.w_bits,
         "a_bits": precision.a_bits,
@@ -130,6 +157,7 @@ def pack(
     force: bool = False,
     dry_run: bool = False,
     progress: Progress | None = None,
+    stats: Stats | str | Path | None = None,
 ) -> PackSummary:
     """Pack a checkpoint's linear layers.
 
@@ -141,6 +169,9 @@ def pack(
         force: replace an existing pack at `out`.
         dry_run: plan only: list layers and estimated sizes, write nothing.
         progress: called after each layer with its name and source bytes.
+        stats: calibration statistics (a `Stats` or its file, see `collect_stats`): builds
+            DuQuant's smoothing, greedy rotations and zigzag from them; needs a config with
+            `calibrated=True` (the default config when stats are given: `calibrated_config()`).
 
     Returns:
         A PackSummary.
@@ -148,12 +179,22 @@ def pack(
     Example:
         >>> pack("model.safetensors", "packs/m", config=QuantConfig())  # doctest: +SKIP
     """
-    cfg = config or QuantConfig()
+    cfg = config or (calibrated_config() if stats is not None else QuantConfig())
+    if cfg.calibrated and stats is None:
+        raise ConfigError("a calibrated config needs activation statistics (--calib STATS)")
+    if stats is not None and not cfg.calibrated:
+        raise ConfigError("statistics were given but the config is not calibrated")
+    where = str(stats) if isinstance(stats, (str, Path)) else "the statistics"
+    if isinstance(stats, (str, Path)):
+        stats = Stats.load(stats)
     sel = selection or Selection()
     checkpoint = Path(checkpoint)
     out_dir = Path(out) if out is not None else default_out(checkpoint, cfg)
     with open_checkpoint(checkpoint) as ckpt:
         plan = select_layers(ckpt, sel, cfg)
+        if stats is not None:
+            for pl in plan.layers:
+                stats.require(pl.name, pl.in_features, where)
         results = [
             LayerResult(
                 pl.name,
@@ -172,8 +213,14 @@ def pack(
                 t0 = time.perf_counter()
                 weight = ckpt.tensor(pl.weight_key)
                 bias = ckpt.tensor(pl.bias_key) if pl.bias_key else None
-                lp = build_layer(pl.name, weight, bias, cfg, pl.precision)
-                transform, quant = layer_meta(cfg, pl.precision)
+                if stats is None:
+                    lp = build_layer(pl.name, weight, bias, cfg, pl.precision)
+                else:
+                    st = stats[pl.name]
+                    lp = build_calibrated_layer(
+                        pl.name, weight, bias, cfg, pl.precision, st.amax, st.rows
+                    )
+                transform, quant = layer_meta(cfg, pl.precision, lp.info.get("alpha"))
                 source = {
                     "key": pl.weight_key,
                     "dtype": str(weight.dtype).removeprefix("torch."),
@@ -206,5 +253,9 @@ def pack(
                 | {"exclude": list(sel.exclude)},
                 "source": ckpt.identity(),
             }
+            if stats is not None:
+                header["calibration"] = {"stats": where} | {
+                    k: v for k, v in stats.meta.items() if k != "format_version"
+                }
             writer.commit(header)
         return PackSummary(out_dir, False, results, plan.skipped, time.perf_counter() - start)

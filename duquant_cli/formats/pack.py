@@ -140,6 +140,23 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Write one tensor file; returns its manifest record (name, bytes, sha256).
+
+    The safetensors metadata is a single JSON string: several keys would be written in a random
+    order, and the same pack must give the same bytes.
+    """
+    meta = {"duquant": json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION})}
+    try:
+        save_file(tensors, str(path), metadata=meta)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(path, 0o666 & ~umask)  # save_file creates 0600; a pack is meant to be shared
+    except (OSError, SafetensorError) as exc:
+        raise PackError(f"{path}: write failed ({exc})") from None
+    return {"name": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
 class PackWriter:
     """Streams layers into size-bounded shards inside a temporary folder; `commit` publishes.
 
@@ -207,15 +224,7 @@ class PackWriter:
     def _flush(self) -> None:
         if not self._buffer:
             return
-        path = self.tmp / self._shard_name
-        meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}
-        try:
-            save_file(self._buffer, str(path), metadata=meta)
-        except (OSError, SafetensorError) as exc:
-            raise PackError(f"{path}: write failed ({exc})") from None
-        self.files.append(
-            {"name": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
-        )
+        self.files.append(write_shard(self.tmp / self._shard_name, self._buffer))
         self._buffer, self._buffered = {}, 0
 
     def commit(self, header: dict[str, Any]) -> Path:

@@ -23,7 +23,9 @@ def _dense(bd: BlockDiag) -> torch.Tensor:
 
 def _random_bd(n: int, block: int, seed: int = 0) -> BlockDiag:
     g = torch.Generator().manual_seed(seed)
-    return stack_blocks(n, block, lambda c, s: torch.randn(c, s, s, generator=g, dtype=torch.float64))
+    return stack_blocks(
+        n, block, lambda c, s: torch.randn(c, s, s, generator=g, dtype=torch.float64)
+    )
 
 
 @pytest.mark.parametrize(
@@ -69,8 +71,10 @@ def test_inverse_transpose_preserves_product() -> None:
     bd = stack_blocks(
         n,
         8,
-        lambda c, s: torch.randn(c, s, s, generator=g, dtype=torch.float64)
-        + 3 * torch.eye(s, dtype=torch.float64),
+        lambda c, s: (
+            torch.randn(c, s, s, generator=g, dtype=torch.float64)
+            + 3 * torch.eye(s, dtype=torch.float64)
+        ),
     )
     x = torch.randn(4, n, dtype=torch.float64)
     w = torch.randn(6, n, dtype=torch.float64)

@@ -65,7 +65,9 @@ def test_energy_scores() -> None:
     w = torch.tensor([[1.0, 2.0, 0.0], [3.0, 0.0, 0.0]])
     e = torch.tensor([5.0, 2.0, 0.0], dtype=torch.float64)
     torch.testing.assert_close(energy_scores(w, 0.0), e)
-    torch.testing.assert_close(energy_scores(w, 1.0), torch.full((3,), e.mean().item(), dtype=torch.float64))
+    torch.testing.assert_close(
+        energy_scores(w, 1.0), torch.full((3,), e.mean().item(), dtype=torch.float64)
+    )
     torch.testing.assert_close(energy_scores(w, 0.5), 0.5 * e + 0.5 * e.mean())
     # lambda < 1 keeps the order of the columns
     assert torch.argsort(energy_scores(w, 0.15), descending=True).tolist() == [0, 1, 2]

@@ -1,83 +1,18 @@
-"""The `duquant` command line: a thin typer shell over `duquant_cli.commands`."""
+"""`duquant pack`."""
 
 from __future__ import annotations
 
-import json
-import sys
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TransferSpeedColumn,
-)
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TransferSpeedColumn
 from rich.table import Table
 
-from duquant_cli.config import (
-    Precision,
-    QuantConfig,
-    Rotation,
-    RowRot,
-    Scheme,
-    parse_layer_bits,
-)
-from duquant_cli.errors import DuQuantError
-
-app = typer.Typer(
-    help="DuQuant post-training quantization: pack checkpoints, inspect and apply packs.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-out = Console()
-err = Console(stderr=True)
-_debug = {"on": False}
+from duquant_cli.cli.common import clean_errors, err, mb, out, print_json
+from duquant_cli.config import Precision, QuantConfig, Rotation, RowRot, Scheme, parse_layer_bits
 
 
-@app.callback()
-def _main(
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
-) -> None:
-    _debug["on"] = debug
-
-
-def clean_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Map the project's errors (and OS errors) to one line on stderr and exit code 1."""
-
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except (DuQuantError, OSError) as exc:
-            if _debug["on"]:
-                raise
-            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            err.print(f"[red]error:[/red] {escape(msg)}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            err.print("[red]interrupted[/red]: nothing was published")
-            raise typer.Exit(130) from None
-
-    return wrapper
-
-
-def _mb(n: int) -> str:
-    return f"{n / 1e6:,.1f} MB"
-
-
-def _print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=1, default=str) + "\n")
-
-
-@app.command("pack")
 @clean_errors
 def pack_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="safetensors file, folder, index or .bin/.pt")],
@@ -142,30 +77,43 @@ def pack_cmd(
     if dry_run or as_json:
         summary = pack(checkpoint, out_dir, config=cfg, selection=sel, force=force, dry_run=dry_run)
     else:
-        with _progress() as bar:
-            task = bar.add_task("packing", total=None)
-
-            def tick(name: str, nbytes: int) -> None:
-                bar.update(task, advance=nbytes, description=name)
-
+        with _LazyProgress() as tick:
             summary = pack(
                 checkpoint, out_dir, config=cfg, selection=sel, force=force, progress=tick
             )
     if as_json:
-        _print_json(summary.to_json())
+        print_json(summary.to_json())
         return
     _print_summary(summary)
 
 
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("{task.description}", style="cyan"),
-        BarColumn(),
-        TransferSpeedColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-    )
+class _LazyProgress:
+    """A progress bar over layers (with MB/s) that appears with the first finished layer, so an
+    early error prints alone."""
+
+    def __init__(self) -> None:
+        self.bar: Progress | None = None
+
+    def __call__(self, name: str, nbytes: int) -> None:
+        if self.bar is None:
+            self.bar = Progress(
+                TextColumn("{task.description}", style="cyan"),
+                BarColumn(),
+                TransferSpeedColumn(),
+                TimeElapsedColumn(),
+                console=err,
+                transient=True,
+            )
+            self.bar.start()
+            self.task = self.bar.add_task("packing", total=None)
+        self.bar.update(self.task, advance=nbytes, description=name)
+
+    def __enter__(self) -> _LazyProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
 
 
 def _print_summary(summary) -> None:
@@ -174,7 +122,7 @@ def _print_summary(summary) -> None:
         for col in ("layer", "shape", "precision", "est. bytes"):
             table.add_column(col)
         for r in summary.layers:
-            table.add_row(r.name, f"{r.shape[0]}x{r.shape[1]}", r.precision, _mb(r.bytes))
+            table.add_row(r.name, f"{r.shape[0]}x{r.shape[1]}", r.precision, mb(r.bytes))
         out.print(table)
     for key, reason in summary.skipped:
         err.print(f"skipped {key}: {reason}", highlight=False)
@@ -184,14 +132,6 @@ def _print_summary(summary) -> None:
     table.add_row("parameters", f"{summary.params:,}")
     if not summary.dry_run:
         table.add_row("time", f"{summary.seconds:.1f} s ({summary.mb_per_s:,.0f} MB/s)")
-    table.add_row("pack size", _mb(summary.pack_bytes))
+    table.add_row("pack size", mb(summary.pack_bytes))
     table.add_row("vs fp16 source", f"{summary.pack_bytes / summary.fp16_bytes:.3f}x")
     out.print(table)
-
-
-def main() -> None:
-    app()
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,92 @@
+"""`duquant bench`."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from duquant_cli.cli.common import clean_errors, out, print_json
+
+
+class Part(str, Enum):
+    ALL = "all"
+    PACK = "pack"
+    FORWARD = "forward"
+
+
+@clean_errors
+def bench_cmd(
+    part: Annotated[Part, typer.Option(help="Which benchmark to run.")] = Part.ALL,
+    small: Annotated[bool, typer.Option(help="Scaled-down shapes, for quick checks.")] = False,
+    bits: Annotated[str, typer.Option(help="Precision of the packs measured.")] = "w4a8",
+    block: Annotated[int, typer.Option(help="Block size.")] = 16,
+    repeats: Annotated[int, typer.Option(help="Timed calls per case (median kept).")] = 20,
+    threads: Annotated[int | None, typer.Option(help="torch threads [torch default].")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Measure pack speed, forward speed against nn.Linear, and memory, side by side."""
+    import torch
+
+    from duquant_cli.commands.bench import FORWARD_SHAPES, bench, bench_pack
+
+    if threads:
+        torch.set_num_threads(threads)
+    result: dict = {"threads": torch.get_num_threads()}
+    if part in (Part.ALL, Part.FORWARD):
+        shapes = tuple((o // 4, i // 4) for o, i in FORWARD_SHAPES) if small else FORWARD_SHAPES
+        fwd = bench(shapes=shapes, bits=bits, block=block, repeats=repeats)
+        result |= {"layer_pack": fwd.pack, "forward": fwd.forward, "memory": fwd.memory}
+    if part in (Part.ALL, Part.PACK):
+        result["pack"] = bench_pack(small=small, block=block, bits=bits)
+    if as_json:
+        print_json(result)
+        return
+    _print(result)
+
+
+def _print(result: dict) -> None:
+    if "layer_pack" in result:
+        t = Table(title="pack time per layer")
+        for c in ("shape", "seconds", "MB/s (fp32 source)"):
+            t.add_column(c)
+        for r in result["layer_pack"]:
+            t.add_row("x".join(map(str, r["shape"])), f"{r['seconds']:.2f}", f"{r['mb_per_s']:.0f}")
+        out.print(t)
+        t = Table(title="forward: dense backend vs nn.Linear (median, same dtype)")
+        for c in ("shape", "dtype", "tokens", "nn.Linear us", "dense us", "ratio", "1st/2nd"):
+            t.add_column(c)
+        for r in result["forward"]:
+            t.add_row(
+                "x".join(map(str, r["shape"])),
+                r["dtype"],
+                str(r["tokens"]),
+                f"{r['linear_us']:.0f}",
+                f"{r['dense_us']:.0f}",
+                f"{r['ratio']:.3f}",
+                f"{r['first_us'] / r['second_us']:.2f}",
+            )
+        out.print(t)
+        t = Table(title="memory per layer")
+        for c in ("shape", "backend", "dtype", "bytes", "vs nn.Linear same dtype", "vs bf16 w"):
+            t.add_column(c)
+        for r in result["memory"]:
+            t.add_row(
+                "x".join(map(str, r["shape"])),
+                r["backend"],
+                r["dtype"],
+                f"{r['bytes']:,}",
+                f"{r['vs_linear_same_dtype']:.3f}",
+                f"{r['vs_bf16_weight']:.3f}",
+            )
+        out.print(t)
+    if "pack" in result:
+        p = result["pack"]
+        t = Table(title=f"pack: {p['checkpoint']}", show_header=False)
+        t.add_row("parameters", f"{p['params']:,}")
+        t.add_row("pack time", f"{p['pack_s']:.1f} s ({p['mb_per_s']:.0f} MB/s of bf16 weights)")
+        t.add_row("peak RSS", f"{p['peak_rss_mb']:.0f} MB")
+        t.add_row("pack size", f"{p['pack_bytes'] / 1e6:,.1f} MB")
+        out.print(t)

@@ -1,0 +1,241 @@
+"""`bench`: speed and memory, each measured side by side in one run (machines are noisy)."""
+
+from __future__ import annotations
+
+import gc
+import json
+import resource
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from duquant_cli.commands.pack import pack
+from duquant_cli.config import Precision, QuantConfig
+from duquant_cli.formats.pack import Pack
+from duquant_cli.runtime.backends import Backend
+from duquant_cli.runtime.layer import DuQuantLinear
+
+# pi0.5's large linear shapes (out, in): Gemma-2B attention and MLP.
+FORWARD_SHAPES = ((2048, 2048), (2048, 16384), (16384, 2048))
+TOKENS = (1, 16, 64, 256)
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+# pi0.5's linear layers (out, in): Gemma-2B language model and Gemma-300M action expert.
+PI05_LM = {
+    "self_attn.q_proj": (2048, 2048),
+    "self_attn.k_proj": (256, 2048),
+    "self_attn.v_proj": (256, 2048),
+    "self_attn.o_proj": (2048, 2048),
+    "mlp.gate_proj": (16384, 2048),
+    "mlp.up_proj": (16384, 2048),
+    "mlp.down_proj": (2048, 16384),
+}
+PI05_EXPERT = {
+    "self_attn.q_proj": (2048, 1024),
+    "self_attn.k_proj": (256, 1024),
+    "self_attn.v_proj": (256, 1024),
+    "self_attn.o_proj": (1024, 2048),
+    "mlp.gate_proj": (4096, 1024),
+    "mlp.up_proj": (4096, 1024),
+    "mlp.down_proj": (1024, 4096),
+}
+_LM = "paligemma_with_expert.paligemma.model.language_model.layers"
+_EXPERT = "paligemma_with_expert.gemma_expert.model.layers"
+
+
+def write_pi05_checkpoint(folder: Path, layers: int = 18, scale: int = 1, seed: int = 0) -> int:
+    """A deterministic bf16 checkpoint with pi0.5's linear shapes (each dim divided by `scale`),
+    streamed to disk one decoder layer per shard with a safetensors index. Returns parameters."""
+    folder.mkdir(parents=True, exist_ok=True)
+    weight_map: dict[str, str] = {}
+    total = 0
+    gen = torch.Generator().manual_seed(seed)
+    for i in range(layers):
+        for prefix, shapes in ((_LM, PI05_LM), (_EXPERT, PI05_EXPERT)):
+            shard = f"{'lm' if prefix == _LM else 'expert'}-{i:02d}.safetensors"
+            tensors = {}
+            for name, (o, n) in shapes.items():
+                o, n = o // scale, n // scale
+                w = torch.randn(o, n, generator=gen).mul_(n**-0.5).to(torch.bfloat16)
+                tensors[f"{prefix}.{i}.{name}.weight"] = w
+                total += o * n
+            save_file(tensors, str(folder / shard))
+            weight_map.update(dict.fromkeys(tensors, shard))
+    index = {"metadata": {"total_parameters": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return total
+
+
+def bench_pack(small: bool = False, block: int = 16, bits: str = "w4a8") -> dict:
+    """Pack the pi0.5-shaped checkpoint: wall time, MB/s of bf16 weights, peak RSS."""
+    layers, scale = (2, 4) if small else (18, 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        params = write_pi05_checkpoint(Path(tmp) / "ckpt", layers, scale)
+        gen_s = time.perf_counter() - t0
+        cfg = QuantConfig(precision=Precision.parse(bits), block=block)
+        summary = pack(Path(tmp) / "ckpt", Path(tmp) / "pack", config=cfg)
+    return {
+        "checkpoint": f"pi0.5-shaped, {layers}+{layers} layers, dims/{scale}, bf16",
+        "params": params,
+        "generate_s": gen_s,
+        "pack_s": summary.seconds,
+        "mb_per_s": 2 * params / 1e6 / summary.seconds,
+        "pack_bytes": summary.pack_bytes,
+        "peak_rss_mb": peak_rss_mb(),
+        "slowest_layers": sorted(
+            (
+                {"name": r.name, "shape": list(r.shape), "seconds": r.seconds}
+                for r in summary.layers
+            ),
+            key=lambda r: -r["seconds"],
+        )[:3],
+    }
+
+
+@dataclass
+class BenchResult:
+    pack: list[dict] = field(default_factory=list)
+    forward: list[dict] = field(default_factory=list)
+    memory: list[dict] = field(default_factory=list)
+    load: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return self.__dict__
+
+
+def _interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds per call of each fn, run in alternation so load spikes hit all alike."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _time_forward(lin: nn.Linear, dq: DuQuantLinear, tokens: int, dtype, repeats: int) -> dict:
+    x = torch.randn(tokens, lin.in_features, dtype=dtype)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        dq(x)
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        dq(x)
+        second = time.perf_counter() - t0
+        med = _interleaved({"linear": lambda: lin(x), "dense": lambda: dq(x)}, repeats)
+    return {
+        "shape": [lin.out_features, lin.in_features],
+        "dtype": str(dtype).removeprefix("torch."),
+        "tokens": tokens,
+        "linear_us": med["linear"] * 1e6,
+        "dense_us": med["dense"] * 1e6,
+        "ratio": med["dense"] / med["linear"],
+        "first_us": first * 1e6,
+        "second_us": second * 1e6,
+    }
+
+
+def _write_checkpoint(path: Path, shapes: Iterable[tuple[int, int]], seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {
+        f"layers.{i}.weight": torch.randn(o, n, generator=gen) / n**0.5
+        for i, (o, n) in enumerate(shapes)
+    }
+    save_file(tensors, str(path))
+
+
+def _layer_bytes(m: nn.Module) -> int:
+    held = list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))
+    return sum(t.numel() * t.element_size() for t in held)
+
+
+def bench(
+    shapes: tuple[tuple[int, int], ...] = FORWARD_SHAPES,
+    tokens: tuple[int, ...] = TOKENS,
+    dtypes: tuple[torch.dtype, ...] = DTYPES,
+    bits: str = "w4a8",
+    block: int = 16,
+    repeats: int = 20,
+    threads: int | None = None,
+) -> BenchResult:
+    """Pack the shapes once, then time DuQuant layers against nn.Linear and count bytes."""
+    if threads:
+        torch.set_num_threads(threads)
+    res = BenchResult()
+    cfg = QuantConfig(precision=Precision.parse(bits), block=block)
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / "bench.safetensors"
+        _write_checkpoint(ckpt, shapes)
+        summary = pack(ckpt, Path(tmp) / "pack", config=cfg)
+        for r in summary.layers:
+            res.pack.append(
+                {
+                    "shape": list(r.shape),
+                    "seconds": r.seconds,
+                    "mb_per_s": r.source_bytes / 1e6 / r.seconds,
+                }
+            )
+        p = Pack.open(Path(tmp) / "pack")
+        from safetensors import safe_open
+
+        with safe_open(str(ckpt), framework="pt") as f:
+            weights = {k.removesuffix(".weight"): f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        for name, entry in p.layers.items():
+            tensors = p.load(name)
+            for dtype in dtypes:
+                lin = nn.Linear(entry.in_features, entry.out_features, bias=False, dtype=dtype)
+                lin.weight.data.copy_(weights[name])
+                dq = DuQuantLinear.from_pack(
+                    entry,
+                    tensors,
+                    bias=None,
+                    device=torch.device("cpu"),
+                    dtype=dtype,
+                    backend=Backend.DENSE,
+                )
+                w_bytes = entry.out_features * entry.in_features
+                res.memory.append(
+                    {
+                        "shape": [entry.out_features, entry.in_features],
+                        "backend": "dense",
+                        "dtype": str(dtype).removeprefix("torch."),
+                        "bytes": _layer_bytes(dq),
+                        "vs_linear_same_dtype": _layer_bytes(dq) / _layer_bytes(lin),
+                        "vs_fp32_weight": _layer_bytes(dq) / (4 * w_bytes),
+                        "vs_bf16_weight": _layer_bytes(dq) / (2 * w_bytes),
+                    }
+                )
+                for t in tokens:
+                    res.forward.append(_time_forward(lin, dq, t, dtype, repeats))
+                del lin, dq
+                gc.collect()
+    return res
+
+
+def bench_load(model_factory: Callable[[], nn.Module], pack_dir: Path, repeats: int = 3) -> dict:
+    """Wall time of `load_packed` of a real pack into a fresh model (model build not timed)."""
+    from duquant_cli.runtime.loader import load_packed
+
+    times = []
+    for _ in range(repeats):
+        model = model_factory()
+        t0 = time.perf_counter()
+        report = load_packed(model, pack_dir)
+        times.append(time.perf_counter() - t0)
+    return {"pack": str(pack_dir), "layers": len(report.replaced), "seconds": min(times)}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
