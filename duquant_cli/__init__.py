@@ -22,6 +22,8 @@ from duquant_cli.errors import (
 _LAZY = {
     "PackSummary": "duquant_cli.commands.pack",
     "pack": "duquant_cli.commands.pack",
+    "ApplyResult": "duquant_cli.commands.apply",
+    "apply": "duquant_cli.commands.apply",
     "PackReport": "duquant_cli.commands.inspect",
     "inspect_pack": "duquant_cli.commands.inspect",
     "VerifyReport": "duquant_cli.commands.verify",
@@ -39,6 +41,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
+    from duquant_cli.commands.apply import ApplyResult, apply
     from duquant_cli.commands.inspect import PackReport, inspect_pack
     from duquant_cli.commands.pack import PackSummary, pack
     from duquant_cli.commands.report import render_status
@@ -76,9 +79,11 @@ __all__ = [
     "PackSummary",
     "pack",
     # inspection
+    "ApplyResult",
     "PackReport",
     "SourceCheck",
     "VerifyReport",
+    "apply",
     "check_source",
     "inspect_pack",
     "render_status",

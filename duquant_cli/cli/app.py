@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from duquant_cli.cli import bench, demo, inspect, pack
+from duquant_cli.cli import apply, bench, demo, inspect, pack
 from duquant_cli.cli.common import debug
 
 app = typer.Typer(
@@ -30,6 +30,7 @@ app.command("pack")(pack.pack_cmd)
 app.command("demo")(demo.demo_cmd)
 app.command("bench")(bench.bench_cmd)
 app.command("inspect")(inspect.inspect_cmd)
+app.command("apply")(apply.apply_cmd)
 
 
 def main() -> None:

@@ -6,13 +6,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich.console import Console
 
 from duquant_cli.cli.common import clean_errors, out, print_json
+from duquant_cli.commands.inspect import PackReport, inspect_pack
 from duquant_cli.commands.report import INSPECT_COLUMNS, human_bytes, pairs_table, rows_table
 from duquant_cli.errors import ConfigError, MismatchError, PackError
 
 if TYPE_CHECKING:
-    from duquant_cli.commands.inspect import PackReport
     from duquant_cli.commands.stale import SourceCheck
     from duquant_cli.commands.verify import VerifyReport
 
@@ -29,26 +30,29 @@ def inspect_cmd(
     ] = False,
     checkpoint: Annotated[
         Path | None,
-        typer.Option("--checkpoint", help="List layers whose source weights changed since."),
+        typer.Option(
+            "--checkpoint", help="Name layers whose source weights changed since packing."
+        ),
     ] = None,
     plot: Annotated[
-        Path | None, typer.Option("--plot", help="Write a PNG of errors (needs duquant[plot]).")
+        Path | None,
+        typer.Option("--plot", help="Write a PNG of the errors (needs the plot extra)."),
     ] = None,
     stats: Annotated[
         Path | None,
         typer.Option("--stats", help="Calibration stats: add a layer's activations to --plot."),
     ] = None,
     plot_layer: Annotated[
-        str | None, typer.Option("--plot-layer", help="Layer of the activation plot [first].")
+        str | None,
+        typer.Option("--plot-layer", help="Layer of the activation plot (default: first)."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
 ) -> None:
     """Show a pack: header, one row per layer, totals; --verify and --checkpoint check it."""
-    from duquant_cli.commands.inspect import inspect_pack
-
     if (stats is not None or plot_layer is not None) and plot is None:
         raise ConfigError("--stats and --plot-layer only go with --plot FILE.png")
     report = inspect_pack(pack_dir, layer=layer)
+    # The slow paths import torch, so they are imported only when asked for.
     if plot is not None:
         from duquant_cli.commands.plot import plot_data, save_plot
 
@@ -81,8 +85,13 @@ def _print_report(
     out.print(pairs_table(cfg, title="quantization config"))
     title = f"{len(report.layers)} layers"
     if report.layer_filter:
-        title += f" matching {report.layer_filter!r}"
-    out.print(rows_table(report.layers, INSPECT_COLUMNS, title=title))
+        title += f" matching {report.layer_filter}"
+    table = rows_table(report.layers, INSPECT_COLUMNS, title=title)
+    if out.is_terminal:
+        out.print(table)
+    else:  # piped into a file or a pager: the whole table, not one squeezed to 80 columns
+        wide = out.measure(table, options=out.options.update_width(1000)).maximum
+        Console(width=max(out.width, wide)).print(table)
     out.print(pairs_table(_totals(report.totals), title="totals"))
     if checked is not None:
         if checked.ok:
@@ -111,13 +120,16 @@ def _header(report: PackReport) -> list[tuple[str, str]]:
     src = h.get("source") or {}
     files = src.get("files") or []
     src_bytes = sum(int(f.get("bytes", 0)) for f in files)
-    return [
+    pairs = [
         ("format", f"{h['format']} v{h['format_version']}"),
         ("tool", f"{tool.get('name', '?')} {tool.get('version', '?')}"),
         ("torch", str(h.get("torch_version") or "-")),
         ("created", str(h.get("created") or "-")),
         ("source", f"{src.get('path', '-')} ({len(files)} file(s), {human_bytes(src_bytes)})"),
     ]
+    if calib := h.get("calibration"):
+        pairs.append(("calibration", str(calib.get("stats", "-"))))
+    return pairs
 
 
 def _totals(t: dict[str, Any]) -> list[tuple[str, str]]:

@@ -10,10 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +21,16 @@ from safetensors.torch import save_file
 
 from duquant_cli.config import Precision, QuantConfig
 from duquant_cli.errors import ConfigError, PackError
+from duquant_cli.formats.manifest import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    LayerEntry,
+    TensorRef,
+    read_manifest,
+)
 
-FORMAT = "duquant-pack"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 SHARD_BYTES = 512 << 20
-_SHARD_NAME = re.compile(r"^tensors-\d{5}\.safetensors$")
 DTYPES = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -39,97 +41,6 @@ DTYPES = {
     "int8": torch.int8,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-
-
-@dataclass(frozen=True)
-class TensorRef:
-    """Where one field of a layer lives: its key in the layer's shard, shape and dtype."""
-
-    key: str
-    shape: tuple[int, ...]
-    dtype: str
-    file: str | None = None  # None: the layer's own file
-
-    def to_json(self) -> dict[str, Any]:
-        d = {"key": self.key, "shape": list(self.shape), "dtype": self.dtype}
-        return d | ({"file": self.file} if self.file else {})
-
-    @property
-    def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * DTYPES[self.dtype].itemsize
-
-
-@dataclass(frozen=True)
-class LayerEntry:
-    """A packed layer as the manifest records it (see docs/pack-format.md for every key)."""
-
-    name: str
-    out_features: int
-    in_features: int
-    precision: Precision
-    transform: dict[str, Any]
-    quant: dict[str, Any]
-    file: str
-    tensors: dict[str, TensorRef]
-    source: dict[str, Any]
-    info: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "out_features": self.out_features,
-            "in_features": self.in_features,
-            "precision": str(self.precision),
-            "transform": self.transform,
-            "quant": self.quant,
-            "file": self.file,
-            "tensors": {f: t.to_json() for f, t in self.tensors.items()},
-            "source": self.source,
-            "info": self.info,
-        }
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> LayerEntry:
-        try:
-            tensors = {
-                str(f): TensorRef(
-                    str(t["key"]),
-                    tuple(int(s) for s in t["shape"]),
-                    str(t["dtype"]),
-                    str(t["file"]) if t.get("file") else None,
-                )
-                for f, t in d["tensors"].items()
-            }
-            entry = cls(
-                name=str(d["name"]),
-                out_features=int(d["out_features"]),
-                in_features=int(d["in_features"]),
-                precision=Precision.parse(d["precision"]),
-                transform=dict(d["transform"]),
-                quant=dict(d["quant"]),
-                file=str(d["file"]),
-                tensors=tensors,
-                source=dict(d["source"]),
-                info=dict(d.get("info", {})),
-            )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            name = d.get("name", "?") if isinstance(d, dict) else "?"
-            raise PackError(f"manifest entry for layer {name!r} is malformed ({exc})") from None
-        if not _SHARD_NAME.match(entry.file):
-            raise PackError(f"layer {entry.name!r}: bad tensor file name {entry.file!r}")
-        for f, t in tensors.items():
-            if t.file is not None and not _SHARD_NAME.match(t.file):
-                raise PackError(f"layer {entry.name!r}: bad tensor file name {t.file!r}")
-            if t.dtype not in DTYPES or any(s < 0 for s in t.shape):
-                raise PackError(f"layer {entry.name!r}: bad dtype or shape for tensor {f!r}")
-        return entry
 
 
 def sha256_file(path: Path) -> str:
@@ -288,26 +199,7 @@ class Pack:
     @classmethod
     def open(cls, path: str | Path) -> Pack:
         path = Path(path)
-        mpath = path / MANIFEST
-        if not path.is_dir():
-            raise PackError(f"{path}: no such pack folder")
-        try:
-            manifest = json.loads(mpath.read_text())
-        except FileNotFoundError:
-            raise PackError(f"{mpath}: missing; not a duquant pack") from None
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            raise PackError(f"{mpath}: not valid JSON ({exc})") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise PackError(f"{mpath}: not a duquant pack manifest")
-        version = manifest.get("format_version")
-        if not isinstance(version, int):
-            raise PackError(f"{mpath}: format_version missing or not an integer")
-        if version > FORMAT_VERSION:
-            raise PackError(
-                f"{path}: pack format version {version} is newer than this duquant reads "
-                f"({FORMAT_VERSION}); upgrade duquant"
-            )
-        return cls(path, manifest)
+        return cls(path, read_manifest(path))
 
     def _handle(self, file: str):
         if file not in self._handles:

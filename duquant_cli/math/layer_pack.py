@@ -145,6 +145,10 @@ def finish_weight(
             tensors["zero"] = qw.zero
         err = (qw.dequantize() - w).norm() / w.norm().clamp_min(1e-30)
         info["weight_rel_error"] = float(err)
+        # Scale spread, so `duquant inspect` can show it from the manifest without the tensors.
+        info["scale_min"] = float(qw.scale.min())
+        info["scale_median"] = float(qw.scale.median())
+        info["scale_max"] = float(qw.scale.max())
     else:
         tensors["weight"] = w.contiguous()
         info["weight_rel_error"] = 0.0
@@ -152,4 +156,7 @@ def finish_weight(
         (orthogonality_error(b) for f in BLOCK_FIELDS if (b := LayerPack(tensors).block(f))),
         default=0.0,
     )
+    for f in BLOCK_FIELDS:  # per transform, so inspect can leave a smoothed in1 out
+        if (b := LayerPack(tensors).block(f)) is not None:
+            info[f"ortho_error_{f}"] = orthogonality_error(b)
     return LayerPack(tensors, info)

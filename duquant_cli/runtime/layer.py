@@ -1,30 +1,118 @@
-"""`DuQuantLinear`: an nn.Linear replacement serving a packed layer from cached buffers."""
+"""`DuQuantLinear`: an nn.Linear replacement serving a packed layer from cached buffers.
+
+The forward is the math of `duquant_cli.math.layer_pack`'s docstring, with every transform
+prepared once at load time: one gather and one batched block matmul per transform, activation
+quantization, the matmul, the row restore (or not), the bias. No Python branching on tensor
+values, so `torch.compile(fullgraph=True)` traces it whole.
+"""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from duquant_cli.errors import MismatchError
 from duquant_cli.formats.pack import LayerEntry
-from duquant_cli.math.bitpack import unpack_codes
-from duquant_cli.math.quantize import dequantize, fake_quant_per_token, fake_quant_static
-from duquant_cli.runtime.backends import Backend
+from duquant_cli.math.bitpack import packed_cols
+from duquant_cli.math.permutation import is_permutation
+from duquant_cli.runtime.backends import KERNELS, Backend, choose_backend
 
 _BLOCK_FIELDS = ("in1", "in1_tail", "in2", "in2_tail", "out", "out_tail")
+FIELDS = ("perm", *_BLOCK_FIELDS, "weight", "qweight", "scale", "zero", "bias", "act_scale")
+_FLOATS = ("float32", "float16", "bfloat16")
 ACT_DYNAMIC, ACT_STATIC, ACT_NONE = "dynamic", "static", "none"
+# Floor of static activation scales: float16's smallest normal, so a scale calibrated in float32
+# never becomes 0 (and x / 0 never NaN) when the model is later cast to float16.
+ACT_SCALE_MIN = 2.0**-14
+
+
+# Devices where block matmuls write straight into their [T, n] output (`out=`): cuBLAS takes the
+# strided output in one batched call and a transposed copy is saved; on CPU the strided write
+# loops over blocks and was measured slower than bmm + copy, so CPU takes the plain path.
+DIRECT_DEVICES = ("cuda",)
+
+
+def _direct(x: torch.Tensor) -> bool:
+    """Whether to use `out=`: a direct device, and not while compiling (dynamo refuses strided
+    `out=`; inductor plans memory itself), under autograd (`out=` has no gradient) or under
+    autocast (`out=` ops are not autocast)."""
+    return x.device.type in DIRECT_DEVICES and not (
+        torch.compiler.is_compiling()
+        or (x.requires_grad and torch.is_grad_enabled())
+        or torch.is_autocast_enabled(x.device.type)
+    )
 
 
 def _blocks(x: torch.Tensor, blocks: torch.Tensor, tail: torch.Tensor | None) -> torch.Tensor:
-    """x [T, n] @ blockdiag(blocks, tail): one batched matmul (plus one for a tail block)."""
-    t = x.shape[0]
+    """x [T, n] @ blockdiag(blocks, tail): one batched matmul (plus one mm for a tail block)."""
+    t, n = x.shape
     nb, b, _ = blocks.shape
     head = nb * b
-    y = torch.bmm(x[:, :head].reshape(t, nb, b).transpose(0, 1), blocks)
-    y = y.transpose(0, 1).reshape(t, head)
-    if tail is None:
-        return y
-    return torch.cat([y, x[:, head:] @ tail], dim=1)
+    xb = x[:, :head].reshape(t, nb, b).transpose(0, 1)
+    if not _direct(x):
+        y = torch.bmm(xb, blocks).transpose(0, 1).reshape(t, head)
+        return y if tail is None else torch.cat([y, torch.mm(x[:, head:], tail)], dim=1)
+    y = x.new_empty(t, n)
+    torch.bmm(xb, blocks, out=y[:, :head].view(t, nb, b).transpose(0, 1))
+    if tail is not None:
+        torch.mm(x[:, head:], tail, out=y[:, head:])
+    return y
+
+
+def _block_problems(refs: dict, field: str, dim: int) -> list[str]:
+    blocks, tail = refs.get(field), refs.get(field + "_tail")
+    if blocks is None:
+        return [f"{field}_tail without {field}"] if tail is not None else []
+    s = blocks.shape
+    if len(s) != 3 or s[1] != s[2] or s[1] < 1:
+        return [f"{field} is {list(s)}, expected [n_blocks, B, B]"]
+    t = 0
+    if tail is not None:
+        if len(tail.shape) != 2 or tail.shape[0] != tail.shape[1]:
+            return [f"{field}_tail is {list(tail.shape)}, expected square"]
+        t = tail.shape[0]
+    if s[0] * s[1] + t != dim:
+        return [f"{field} covers {s[0] * s[1] + t} channels, the layer has {dim}"]
+    odd = [f for f in (field, field + "_tail") if f in refs and refs[f].dtype not in _FLOATS]
+    return [f"{f} is {refs[f].dtype}, expected a float dtype" for f in odd]
+
+
+def entry_problems(entry: LayerEntry) -> list[str]:
+    """Every way a pack entry's tensors (as its manifest lists them) fail to make a layer of its
+    shape, each prefixed by the layer name; empty when they fit. Checked before loading."""
+    o, n, refs = entry.out_features, entry.in_features, entry.tensors
+    probs = [
+        f"unknown tensor {f!r} (a pack from a newer duquant?)" for f in refs if f not in FIELDS
+    ]
+
+    def want(f: str, shape: tuple[int, ...], dtypes: tuple[str, ...]) -> None:
+        if f not in refs:
+            return
+        if refs[f].shape != shape:
+            probs.append(f"{f} is {list(refs[f].shape)}, expected {list(shape)}")
+        elif refs[f].dtype not in dtypes:
+            probs.append(f"{f} is {refs[f].dtype}, expected {'/'.join(dtypes)}")
+
+    want("perm", (n,), ("int64", "int32"))
+    probs += _block_problems(refs, "in1", n) + _block_problems(refs, "in2", n)
+    probs += _block_problems(refs, "out", o)
+    bits = entry.precision.w_bits
+    if entry.precision.quantize_weight:
+        if "qweight" not in refs or "scale" not in refs:
+            probs.append(f"w{bits} layer without qweight and scale")
+        want("qweight", (o, packed_cols(n, bits)), ("uint8",))
+        groups = refs["scale"].shape[-1] if "scale" in refs else 1
+        if groups < 1 or n % groups:
+            probs.append(f"scale has {groups} groups, which do not divide {n} inputs")
+        else:
+            want("scale", (o, groups), ("float32",))
+            want("zero", (o, groups), ("uint8",))
+    elif "weight" not in refs:
+        probs.append("w16 layer without weight")
+    want("weight", (o, n), _FLOATS)
+    want("bias", (o,), _FLOATS)
+    want("act_scale", (n,), _FLOATS)
+    return [f"{entry.name}: {p}" for p in probs]
 
 
 class DuQuantLinear(nn.Module):
@@ -33,9 +121,14 @@ class DuQuantLinear(nn.Module):
 
     Buffers (None when the pack has no such transform), all on one device:
         perm: int64 [in]; in1, in2: [n_blocks, B, B], in1_tail, in2_tail: [t, t];
-        out: [n_row_blocks, Bo, Bo], out_tail; weight: [out, in] (dense backend), bias: [out];
-        act_scale: [in] static per-channel activation scales (transformed basis).
-    Floating buffers are in the compute dtype; `model.to(...)` moves and casts them.
+        out: [n_row_blocks, Bo, Bo], out_tail (restore mode only); weight: [out, in] (dense
+        backend), bias: [out] (rotated in propagate mode); act_scale: [in] static per-channel
+        activation scales, in the transformed basis.
+    Floating buffers are in the compute dtype; `model.to(...)` moves and casts them, and
+    `state_dict()` holds them all (a calibrated `act_scale` loads back into a fresh layer).
+
+    In propagate mode (`output_rotated`) the output is y R^T with R the pack's `out` blocks:
+    only a consumer that absorbs R makes the model exact.
     """
 
     def __init__(
@@ -56,13 +149,16 @@ class DuQuantLinear(nn.Module):
         self.w_bits = w_bits
         self.a_bits = a_bits
         self.row_rot = row_rot
+        self.output_rotated = False
         self.act_asym = act_asym
         self.act_clip = act_clip
         self.name = name
         self.backend = Backend.DENSE
+        self.kernel = KERNELS[Backend.DENSE]
         self.backend_reason = ""
         self.act_mode = ACT_DYNAMIC if a_bits < 16 else ACT_NONE
         self.calibrated = False
+        self.act_percentile: float | None = None
         self.observer: object | None = None
         for f in ("perm", *_BLOCK_FIELDS, "weight", "bias", "act_scale"):
             self.register_buffer(f, None)
@@ -74,87 +170,119 @@ class DuQuantLinear(nn.Module):
         tensors: dict[str, torch.Tensor],
         *,
         bias: torch.Tensor | None,
-        device: torch.device,
-        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
         backend: Backend = Backend.DENSE,
         reason: str = "",
     ) -> DuQuantLinear:
-        """Build from a pack entry's tensors; `bias` is the model's own (unrotated) bias."""
+        """Build from a pack entry's tensors; `bias` is the model's own (unrotated) bias, used
+        unless the pack stores a rotated one (propagate mode)."""
+        problems = entry_problems(entry)
+        if "perm" in tensors and not is_permutation(tensors["perm"], entry.in_features):
+            problems.append(f"{entry.name}: perm is not a permutation of {entry.in_features}")
+        if problems:
+            raise MismatchError("; ".join(problems))
+        device = torch.device(device)
         q = entry.quant
+        row_rot = entry.transform.get("row_rot", "off")
         layer = cls(
             entry.in_features,
             entry.out_features,
             w_bits=entry.precision.w_bits,
             a_bits=entry.precision.a_bits,
-            row_rot=entry.transform.get("row_rot", "off"),
+            row_rot=row_rot,
             act_asym=q.get("act_scheme") == "asym",
             act_clip=float(q.get("act_clip", 1.0)),
             name=entry.name,
         )
-        layer.backend, layer.backend_reason = backend, reason
+        if backend is Backend.AUTO:
+            prec = entry.precision
+            backend, reason = choose_backend(backend, device, dtype, prec.w_bits, prec.a_bits)
+        layer.backend, layer.kernel, layer.backend_reason = backend, KERNELS[backend], reason
 
         def put(t: torch.Tensor) -> torch.Tensor:
-            t = t.to(device)
-            return t.to(dtype) if t.is_floating_point() else t
+            return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
 
         if "perm" in tensors:
             layer.perm = tensors["perm"].to(device=device, dtype=torch.int64)
-        for f in _BLOCK_FIELDS:
+        keep = ("in1", "in2") + (("out",) if row_rot == "restore" else ())
+        for f in keep:
             if f in tensors:
                 setattr(layer, f, put(tensors[f]))
-        if "weight" in tensors:
-            layer.weight = put(tensors["weight"])
-        else:
-            codes = unpack_codes(tensors["qweight"], entry.precision.w_bits, entry.in_features)
-            w = dequantize(codes, tensors["scale"], tensors.get("zero"), entry.precision.w_bits)
-            layer.weight = w.to(device=device, dtype=dtype)
+                if f + "_tail" in tensors:
+                    setattr(layer, f + "_tail", put(tensors[f + "_tail"]))
+        layer.output_rotated = row_rot == "propagate" and "out" in tensors
+        for f, t in layer.kernel.prepare(entry, tensors, device, dtype).items():
+            setattr(layer, f, t)
         b = tensors.get("bias", bias)
         if b is not None:
             layer.bias = put(b.detach())
         if "act_scale" in tensors and layer.a_bits < 16:
-            layer.act_scale = put(tensors["act_scale"])
+            layer.act_scale = put(tensors["act_scale"].float().clamp_min(ACT_SCALE_MIN))
             layer.act_mode, layer.calibrated = ACT_STATIC, True
-        if layer.row_rot != "restore":
-            layer.out = layer.out_tail = None  # propagate: output stays rotated
+            layer.act_percentile = q.get("act_percentile")
         return layer
 
-    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, in] in the packed basis: in1 blocks, permutation, in2 blocks."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x = x.reshape(-1, self.in_features)
         if self.in1 is not None:
             x = _blocks(x, self.in1, self.in1_tail)
         if self.perm is not None:
             x = x.index_select(1, self.perm)
         if self.in2 is not None:
             x = _blocks(x, self.in2, self.in2_tail)
-        return x
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        x = self.transform_input(x.reshape(-1, self.in_features))
         if self.observer is not None:
             self.observer(self, x)
-        if self.act_mode == ACT_DYNAMIC and not self.act_asym:
-            # Per-token symmetric: the token scale factors out of the matmul.
+        if self.act_mode == ACT_DYNAMIC:
+            # Per-token: the token's scale factors out of the matmul and is applied after it.
+            x, scale = self._quant_tokens(x)
+            y = self.kernel.linear(self, x).mul_(scale)
+        elif self.act_mode == ACT_STATIC:
             qmax = (1 << (self.a_bits - 1)) - 1
-            scale = (x.abs().amax(1, keepdim=True) * (self.act_clip / qmax)).clamp_min(1e-8)
-            q = torch.round(x / scale)
-            if self.act_clip < 1.0:
-                q = q.clamp(-qmax - 1, qmax)
-            y = F.linear(q, self.weight) * scale
+            s = self.act_scale
+            y = self.kernel.linear(self, torch.div(x, s).round_().clamp_(-qmax - 1, qmax).mul_(s))
         else:
-            if self.act_mode == ACT_DYNAMIC:
-                x = fake_quant_per_token(x, self.a_bits, True, self.act_clip)
-            elif self.act_mode == ACT_STATIC and self.act_scale is not None:
-                x = fake_quant_static(x, self.act_scale, self.a_bits)
-            y = F.linear(x, self.weight)
+            y = self.kernel.linear(self, x)
         if self.out is not None:
             y = _blocks(y, self.out, self.out_tail)
         if self.bias is not None:
-            y = y + self.bias
+            y = y.add_(self.bias)
         return y.reshape(*lead, self.out_features)
+
+    def _quant_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(integer-valued codes centred on 0, per-token scale [T, 1]); x ~ codes * scale.
+
+        The same rounding as `math.quantize.fake_quant_per_token`; the scale's floor 1e-8 is
+        raised to float16's smallest normal in float16, where 1e-8 is 0 (and 0 / 0 NaN).
+        """
+        eps = max(1e-8, torch.finfo(x.dtype).tiny)
+        if self.act_asym:
+            qmax = (1 << self.a_bits) - 1
+            lo = x.amin(1, keepdim=True).clamp(max=0) * self.act_clip
+            hi = x.amax(1, keepdim=True).clamp(min=0) * self.act_clip
+            scale = ((hi - lo) / qmax).clamp_min(eps)
+            zero = torch.round(-lo / scale)
+            q = torch.div(x, scale).add_(zero).round_().clamp_(0, qmax).sub_(zero)
+            return q, scale
+        qmax = (1 << (self.a_bits - 1)) - 1
+        # max|x| without an |x| temporary (vector_norm(inf) and aminmax are slower on CPU)
+        amax = torch.maximum(x.amax(1, keepdim=True), -x.amin(1, keepdim=True))
+        scale = (amax * (self.act_clip / qmax)).clamp_min(eps)
+        return torch.div(x, scale).round_().clamp_(-qmax - 1, qmax), scale
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, *args) -> None:
+        """A state dict holding calibrated scales loads into a layer that has none yet."""
+        scale = state_dict.get(prefix + "act_scale")
+        if scale is not None and self.act_scale is None and self.a_bits < 16:
+            w = self.weight
+            self.act_scale = scale.new_empty(scale.shape, device=w.device, dtype=w.dtype)
+            self.act_mode, self.calibrated = ACT_STATIC, True
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, *args)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"w{self.w_bits}a{self.a_bits}, backend={self.backend.value}, act={self.act_mode}"
+            f"w{self.w_bits}a{self.a_bits}, backend={self.backend.value}, act={self.act_mode}, "
+            f"row_rot={self.row_rot}"
         )

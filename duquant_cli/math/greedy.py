@@ -1,0 +1,111 @@
+"""DuQuant's greedy block rotation: spread the largest activation over its block, step by step.
+
+Activations are row vectors transformed as x @ R. One step finds the channel d holding the
+largest |x| and applies G = E_d . diag(1, S) . R0 . E_d, where E_d swaps channels 0 and d, R0 is
+orthogonal with a uniform first row (1/sqrt(B) everywhere) and S is a random signed permutation of
+channels 1..B-1. Row d of G is R0's first row (reordered), so channel d is spread evenly over
+the block; S keeps successive steps from undoing each other and costs an index, not a matmul.
+The paper writes the same construction on the weight side as E_d R0 Q E_d with a random
+orthogonal Q; a signed permutation is an orthogonal Q that is free to apply.
+
+Speed (exact, not an approximation): no orthogonal R can push max_j |(xR)_j| above ||x||_2, and
+the row of largest norm keeps some entry >= its norm / sqrt(B) under every R. Rows whose norm is
+below (max row norm) / sqrt(B) can therefore never hold the maximum, so the steps run on the
+other rows only. Where that still leaves more than `max_rows` rows (smoothed activations have
+flat norms), the steps run on the `max_rows` rows of largest norm, the only ones that can hold
+the maximum once it has dropped below the next row's norm; the result is then measured on all.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from duquant_cli.math.rotations import hadamard
+
+
+@dataclass(frozen=True)
+class GreedyRotation:
+    """matrix: [B, B] float64 orthogonal; max_before / max_after: max |x| of the rows before and
+    after it; steps: how many greedy steps the kept prefix holds."""
+
+    matrix: torch.Tensor
+    max_before: float
+    max_after: float
+    steps: int
+
+
+def uniform_first_row(size: int) -> torch.Tensor:
+    """Orthonormal [size, size] float64 matrix whose first row is 1/sqrt(size) everywhere."""
+    return hadamard(size).mT.contiguous()
+
+
+def candidate_rows(x: torch.Tensor, max_rows: int | None = None) -> torch.Tensor:
+    """The rows of x [N, B] that can hold the maximum |entry| after some rotation (see module),
+    at most `max_rows` of them (those of largest norm)."""
+    if x.shape[0] == 0:
+        return x
+    norms = torch.linalg.vector_norm(x, dim=1)
+    bound = norms.max() / math.sqrt(x.shape[1])
+    keep = norms >= bound * (1.0 - 1e-9)
+    if max_rows is not None and int(keep.sum()) > max_rows:
+        return x[norms.topk(max_rows).indices]
+    return x[keep]
+
+
+def step_matrix(
+    d: int, order: torch.Tensor, signs: torch.Tensor, r0: torch.Tensor
+) -> torch.Tensor:
+    """G = E_d . diag(1, S) . R0 . E_d as one [B, B] matrix, S given as a column order and signs.
+
+    x @ G = ((x E_d)[:, order] * signs) @ (R0 E_d); gathering x's columns by `idx` equals
+    multiplying by the matrix whose row idx[j] is row j, so the step is a single matmul.
+    """
+    b = r0.shape[0]
+    swap = torch.arange(b)
+    swap[0], swap[d] = d, 0
+    g = torch.empty_like(r0)
+    g[swap[order]] = signs[:, None] * r0[:, swap]
+    return g
+
+
+def greedy_rotation(
+    rows: torch.Tensor, steps: int, gen: torch.Generator, max_rows: int = 2048
+) -> GreedyRotation:
+    """Greedy rotation for activation rows [N, B]: up to `steps` steps, the best prefix kept.
+
+    The best prefix is the one with the smallest max |x| (the empty prefix, identity, included),
+    so the result never makes the calibration maximum worse.
+    """
+    x = rows.double()
+    b = x.shape[1]
+    eye = torch.eye(b, dtype=torch.float64)
+    before = float(x.abs().amax()) if x.numel() else 0.0
+    if b < 2 or steps < 1 or before == 0.0:
+        return GreedyRotation(eye, before, before, 0)
+    r0 = uniform_first_row(b)
+    orders = torch.cat(
+        [
+            torch.zeros(steps, 1, dtype=torch.int64),
+            torch.rand(steps, b - 1, generator=gen).argsort(1) + 1,
+        ],
+        dim=1,
+    )
+    signs = torch.randint(0, 2, (steps, b), generator=gen, dtype=torch.float64) * 2 - 1
+    signs[:, 0] = 1.0
+    cur = candidate_rows(x, max_rows)
+    best, best_k = before, 0
+    mat = best_mat = eye
+    d = int(cur.abs().argmax()) % b
+    for k in range(steps):
+        g = step_matrix(d, orders[k], signs[k], r0)
+        cur = cur @ g
+        mat = mat @ g
+        flat = int(cur.abs().argmax())
+        m, d = float(cur.view(-1)[flat].abs()), flat % b
+        if m < best:
+            best, best_k, best_mat = m, k + 1, mat
+    after = float((x @ best_mat).abs().amax()) if best_k else before
+    return GreedyRotation(best_mat, before, after, best_k)

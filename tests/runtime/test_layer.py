@@ -1,0 +1,300 @@
+"""DuQuantLinear against nn.Linear (unquantized) and against the pack-format equation."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+from duquant_cli.config import Precision, Rotation, RowRot, Scheme
+from duquant_cli.errors import MismatchError
+from duquant_cli.formats.pack import Pack
+from duquant_cli.math.bitpack import unpack_codes
+from duquant_cli.math.quantize import dequantize
+from duquant_cli.runtime import layer as layer_mod
+from duquant_cli.runtime.backends import Backend
+from duquant_cli.runtime.calibrate import calibrating
+from duquant_cli.runtime.layer import DuQuantLinear, entry_problems
+from duquant_cli.runtime.loader import load_packed
+from tests.helpers import dense, rel_err
+from tests.runtime.util import (
+    LINEARS,
+    W16A16,
+    TinyNet,
+    clone_model,
+    make_pack,
+    reference_layer,
+    tiny_stats,
+)
+
+CASES = list(
+    itertools.product(
+        [Rotation.HADAMARD, Rotation.SVD, Rotation.NONE],
+        [RowRot.RESTORE, RowRot.OFF, RowRot.PROPAGATE],
+        [True, False],
+        [(40, 56, 24), (32, 64, 16)],  # tails at block 16 / block_out 12; only full blocks
+    )
+)
+
+
+def _id(case) -> str:
+    rot, row, perm, dims = case
+    return f"{rot.value}-{row.value}-{'perm' if perm else 'noperm'}-{'x'.join(map(str, dims))}"
+
+
+def _x(n: int, rows: int = 24, seed: int = 1) -> torch.Tensor:
+    return torch.randn(2, rows // 2, n, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
+def test_w16a16_reproduces_linear(tmp_path: Path, case) -> None:
+    rotation, row_rot, permute, dims = case
+    block_out = 12 if dims[0] == 40 else None
+    base = TinyNet(dims=dims)
+    out = make_pack(
+        tmp_path, base, precision=W16A16, rotation=rotation, row_rot=row_rot, permute=permute,
+        block_out=block_out,
+    )  # fmt: skip
+    model = clone_model(base, dims=dims)
+    report = load_packed(model, out)
+    assert sorted(report.replaced) == sorted(LINEARS)
+    pack = Pack.open(out)
+    for name in LINEARS:
+        lin, dq = base.get_submodule(name), model.get_submodule(name)
+        assert isinstance(dq, DuQuantLinear)
+        x = _x(lin.in_features)
+        with torch.no_grad():
+            want = lin(x).double()
+            got = dq(x)
+        assert got.shape == want.shape and got.dtype == torch.float32
+        rotated = row_rot is RowRot.PROPAGATE and rotation is not Rotation.NONE
+        assert dq.output_rotated == rotated
+        if rotated:  # propagate: the layer returns y R^T (bias rotated too)
+            want = want @ dense(pack.load(name), "out").double().mT
+        assert rel_err(got, want) < 1e-5, name
+    if row_rot is not RowRot.PROPAGATE or rotation is Rotation.NONE:
+        x = _x(dims[0])
+        with torch.no_grad():
+            assert rel_err(model(x), base(x)) < 1e-5
+
+
+@pytest.mark.parametrize("row_rot", [RowRot.RESTORE, RowRot.OFF])
+def test_activation_aware_w16a16_reproduces_linear(tmp_path: Path, row_rot: RowRot) -> None:
+    """Calibrated packs add in1 (smoothing folded into a rotation, not orthogonal)."""
+    base = TinyNet()
+    out = make_pack(
+        tmp_path, base, stats=tiny_stats(base), precision=W16A16, row_rot=row_rot,
+        calibrated=True, rotation=Rotation.GREEDY,
+    )  # fmt: skip
+    model = clone_model(base)
+    load_packed(model, out, verify_source=True)
+    assert all(model.get_submodule(n).in1 is not None for n in LINEARS)
+    x = _x(40)
+    with torch.no_grad():
+        assert rel_err(model(x), base(x)) < 1e-5
+
+
+QUANT_CASES = {
+    "w4a8": {},
+    "w4a8-asym-act-clip": {"act_scheme": Scheme.ASYM, "act_clip": 0.9},
+    "w4a16-group8-asym-w": {
+        "precision": Precision(4, 16), "group_size": 8, "weight_scheme": Scheme.ASYM,
+    },
+    "w8a8-propagate": {"precision": Precision(8, 8), "row_rot": RowRot.PROPAGATE},
+    "w3a6-svd-off": {"precision": Precision(3, 6), "rotation": Rotation.SVD, "row_rot": RowRot.OFF},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("cfg", list(QUANT_CASES.values()), ids=list(QUANT_CASES))
+def test_quantized_layer_matches_pack_equation(tmp_path: Path, cfg: dict) -> None:
+    base = TinyNet()
+    out = make_pack(tmp_path, base, **cfg)
+    model = clone_model(base)
+    load_packed(model, out)
+    pack = Pack.open(out)
+    for name in LINEARS:
+        dq = model.get_submodule(name)
+        x = _x(dq.in_features, rows=64).reshape(-1, dq.in_features)
+        with torch.no_grad():
+            got = dq(x)
+            want = reference_layer(x, pack.load(name), dq, base.get_submodule(name).bias)
+        # the reference quantizes x after float64 dense transforms: a rare rounding flip apart,
+        # both are the same numbers
+        assert rel_err(got, want) < 2e-3, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "cfg",
+    [{}, {"weight_scheme": Scheme.ASYM, "group_size": 8}, {"precision": Precision(3, 8)}],
+    ids=["sym", "asym-group8", "w3"],
+)
+def test_dense_weight_is_bit_identical_to_codes_times_scales(tmp_path: Path, dtype, cfg) -> None:
+    base = TinyNet()
+    out = make_pack(tmp_path, base, **cfg)
+    model = clone_model(base)
+    load_packed(model, out, dtype=dtype)
+    pack = Pack.open(out)
+    for name in LINEARS:
+        t, entry = pack.load(name), pack.layers[name]
+        bits = entry.precision.w_bits
+        codes = unpack_codes(t["qweight"], bits, entry.in_features)
+        want = dequantize(codes, t["scale"], t.get("zero"), bits).to(dtype)
+        got = model.get_submodule(name).weight
+        assert got.dtype == dtype and torch.equal(got, want), name
+
+
+@pytest.mark.parametrize(
+    ("cast", "dtype"),
+    [
+        (lambda m: m.to(torch.bfloat16), torch.bfloat16),
+        (lambda m: m.half(), torch.float16),
+        (lambda m: m.to(torch.float64), torch.float64),
+    ],
+    ids=["to-bf16", "half", "to-f64"],
+)
+def test_to_dtype_casts_buffers_and_keeps_perm_int64(tmp_path: Path, cast, dtype) -> None:
+    base = TinyNet()
+    out = make_pack(tmp_path, base)
+    model = clone_model(base)
+    load_packed(model, out)
+    dq = model.blocks[0]["up"]
+    w32 = dq.weight.clone()
+    x = _x(40)
+    with torch.no_grad():
+        want = model(x)
+        cast(model)
+        assert dq.perm.dtype == torch.int64
+        assert {b.dtype for n, b in dq.named_buffers() if n != "perm"} == {dtype}
+        assert torch.equal(dq.weight, w32.to(dtype))  # cast, not recomputed
+        tol = 1e-6 if dtype == torch.float64 else 3e-2
+        assert rel_err(model(x.to(dtype)), want) < tol
+        model.float()
+        assert torch.equal(dq.weight, w32.to(dtype).float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("act", ["sym", "asym", "static"])
+def test_all_zero_token_gives_no_nan(tmp_path: Path, dtype, act: str) -> None:
+    """1e-8 is 0 in float16: scale floors keep 0 / 0 out of every activation mode."""
+    base = TinyNet()
+    scheme = Scheme.ASYM if act == "asym" else Scheme.SYM
+    model = clone_model(base)
+    load_packed(model, make_pack(tmp_path, base, act_scheme=scheme))
+    if act == "static":  # calibrated in float32 on silence: every scale at the floor
+        with calibrating(model), torch.no_grad():
+            model(torch.zeros(4, 40))
+        assert model.proj.act_scale.min() == layer_mod.ACT_SCALE_MIN
+    model.to(dtype)
+    x = torch.zeros(3, 40, dtype=dtype)
+    x[1] = torch.randn(40).to(dtype)
+    with torch.no_grad():
+        y = model.proj(x)
+    assert torch.isfinite(y).all()
+    assert torch.equal(y[0], model.proj.bias)  # zero in, bias out
+
+
+def _ops(fn) -> list[str]:
+    """The aten ops `fn` runs; an op called by another op (linear -> mm) is named parent/op."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    names = []
+    for e in prof.events():
+        if e.name.startswith("aten::"):
+            parent = e.cpu_parent.name if e.cpu_parent is not None else ""
+            names.append(f"{parent}/{e.name}" if parent.startswith("aten::") else e.name)
+    return names
+
+
+@pytest.mark.parametrize("dims", [(32, 64, 16), (40, 56, 24)], ids=["full-blocks", "tails"])
+@pytest.mark.parametrize("direct", [False, True], ids=["plain", "direct"])
+def test_forward_ops_one_gather_one_bmm_per_transform(
+    tmp_path: Path, monkeypatch, dims, direct: bool
+) -> None:
+    """The plain path (CPU) copies each block matmul's [blocks, T, B] result into [T, n] once
+    (and joins a tail block to it); the direct path (CUDA; forced here) writes in place."""
+    base = TinyNet(dims=dims)
+    out = make_pack(tmp_path, base)  # w4a8 dynamic, perm + in2 + out (restore)
+    model = clone_model(base, dims=dims)
+    load_packed(model, out)
+    layer = model.blocks[0]["up"]
+    x = torch.randn(16, dims[0])
+    with torch.no_grad():
+        plain = layer(x)
+        if direct:
+            monkeypatch.setattr(layer_mod, "DIRECT_DEVICES", ("cpu",))
+        ops = _ops(lambda: layer(x))
+        assert torch.allclose(layer(x), plain, rtol=1e-5, atol=1e-6)
+    assert ops.count("aten::index_select") == 1
+    assert ops.count("aten::bmm") == 2  # in2 and out
+    assert ops.count("aten::linear") == 1
+    assert not [op for op in ops if "contiguous" in op]
+    tails = dims[0] % 16 != 0
+    assert ops.count("aten::reshape/aten::clone") == (0 if direct else 2)
+    assert ops.count("aten::cat") == (2 if tails and not direct else 0)
+    assert ops.count("aten::mm") == (2 if tails else 0)  # the tail blocks
+
+
+def test_autograd_and_autocast_take_the_plain_path(tmp_path: Path, monkeypatch) -> None:
+    base = TinyNet()
+    out = make_pack(tmp_path, base, precision=W16A16)
+    model = clone_model(base)
+    load_packed(model, out)
+    monkeypatch.setattr(layer_mod, "DIRECT_DEVICES", ("cpu",))
+    x = _x(40).requires_grad_(True)
+    model(x).square().sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    base(x2).square().sum().backward()
+    assert rel_err(x.grad, x2.grad) < 1e-5
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x.detach())
+    assert y.dtype == torch.bfloat16 and rel_err(y.float(), base(x).detach()) < 3e-2
+
+
+def test_empty_batch(tmp_path: Path) -> None:
+    base = TinyNet()
+    model = clone_model(base)
+    load_packed(model, make_pack(tmp_path, base))
+    with torch.no_grad():
+        assert model(torch.randn(0, 7, 40)).shape == (0, 7, 24)
+
+
+def test_entry_problems_name_the_layer_and_field(tmp_path: Path) -> None:
+    base = TinyNet()
+    pack = Pack.open(make_pack(tmp_path, base))
+    entry = pack.layers["proj"]
+    assert entry_problems(entry) == []
+    refs = dict(entry.tensors)
+    refs["perm"] = refs["perm"].__class__(refs["perm"].key, (41,), "int64")
+    refs["smooth"] = refs["perm"]
+    del refs["qweight"]
+    bad = entry.__class__(**{**entry.__dict__, "tensors": refs})
+    problems = entry_problems(bad)
+    assert "proj: unknown tensor 'smooth' (a pack from a newer duquant?)" in problems
+    assert "proj: perm is [41], expected [40]" in problems
+    assert "proj: w4 layer without qweight and scale" in problems
+    tensors = pack.load("proj")
+    tensors["perm"] = torch.zeros(40, dtype=torch.int64)
+    with pytest.raises(MismatchError, match=r"^proj: perm is not a permutation of 40$"):
+        DuQuantLinear.from_pack(entry, tensors, bias=None)
+
+
+def test_from_pack_without_a_model(tmp_path: Path) -> None:
+    """Built straight from a pack (as `duquant apply` does), with the checkpoint's bias."""
+    base = TinyNet()
+    pack = Pack.open(make_pack(tmp_path, base, precision=W16A16))
+    lin = base.proj
+    dq = DuQuantLinear.from_pack(pack.layers["proj"], pack.load("proj"), bias=lin.bias)
+    assert isinstance(dq, nn.Module) and dq.name == "proj"
+    x = _x(40)
+    with torch.no_grad():
+        assert rel_err(dq(x), lin(x)) < 1e-5
+    assert "w16a16" in repr(dq) and "backend=dense" in repr(dq)
+    auto = DuQuantLinear.from_pack(
+        pack.layers["proj"], pack.load("proj"), bias=None, backend=Backend.AUTO
+    )
+    assert auto.backend is Backend.DENSE and auto.backend_reason.startswith("auto: dense")
