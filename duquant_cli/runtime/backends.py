@@ -13,7 +13,6 @@ from enum import Enum
 from typing import TYPE_CHECKING, Protocol
 
 import torch
-import torch.nn.functional as F
 
 from duquant_cli.formats.pack import LayerEntry
 from duquant_cli.math.bitpack import unpack_codes
@@ -47,8 +46,9 @@ class Kernel(Protocol):
         """The weight buffers the layer keeps (names -> tensors on `device`)."""
         ...
 
-    def linear(self, layer: DuQuantLinear, x: torch.Tensor) -> torch.Tensor:
-        """x [T, in] (transformed, quantized) -> [T, out], before row restore and bias."""
+    def linear_t(self, layer: DuQuantLinear, h: torch.Tensor) -> torch.Tensor:
+        """Channels-major: h [in, T] (transformed, quantized) -> [out, T], before row restore,
+        scale and bias."""
         ...
 
 
@@ -76,8 +76,8 @@ class DenseKernel:
         )
         return {"weight": w.to(dtype)}
 
-    def linear(self, layer: DuQuantLinear, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, layer.weight)
+    def linear_t(self, layer: DuQuantLinear, h: torch.Tensor) -> torch.Tensor:
+        return torch.mm(layer.weight, h)
 
 
 KERNELS: dict[Backend, Kernel] = {Backend.DENSE: DenseKernel()}

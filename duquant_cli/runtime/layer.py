@@ -26,37 +26,15 @@ ACT_DYNAMIC, ACT_STATIC, ACT_NONE = "dynamic", "static", "none"
 ACT_SCALE_MIN = 2.0**-14
 
 
-# Devices where block matmuls write straight into their [T, n] output (`out=`): cuBLAS takes the
-# strided output in one batched call and a transposed copy is saved; on CPU the strided write
-# loops over blocks and was measured slower than bmm + copy, so CPU takes the plain path.
-DIRECT_DEVICES = ("cuda",)
-
-
-def _direct(x: torch.Tensor) -> bool:
-    """Whether to use `out=`: a direct device, and not while compiling (dynamo refuses strided
-    `out=`; inductor plans memory itself), under autograd (`out=` has no gradient) or under
-    autocast (`out=` ops are not autocast)."""
-    return x.device.type in DIRECT_DEVICES and not (
-        torch.compiler.is_compiling()
-        or (x.requires_grad and torch.is_grad_enabled())
-        or torch.is_autocast_enabled(x.device.type)
-    )
-
-
-def _blocks(x: torch.Tensor, blocks: torch.Tensor, tail: torch.Tensor | None) -> torch.Tensor:
-    """x [T, n] @ blockdiag(blocks, tail): one batched matmul (plus one mm for a tail block)."""
-    t, n = x.shape
-    nb, b, _ = blocks.shape
+def _blocks_t(h: torch.Tensor, blocks_t: torch.Tensor, tail_t: torch.Tensor | None) -> torch.Tensor:
+    """Channels-major x @ blockdiag(R, tail): h = x^T [n, T] -> [n, T], given the blocks already
+    transposed (R^T): one batched matmul (plus one mm for a tail block) writing its output in
+    place, with no transpose copy."""
+    t = h.shape[1]
+    nb, b, _ = blocks_t.shape
     head = nb * b
-    xb = x[:, :head].reshape(t, nb, b).transpose(0, 1)
-    if not _direct(x):
-        y = torch.bmm(xb, blocks).transpose(0, 1).reshape(t, head)
-        return y if tail is None else torch.cat([y, torch.mm(x[:, head:], tail)], dim=1)
-    y = x.new_empty(t, n)
-    torch.bmm(xb, blocks, out=y[:, :head].view(t, nb, b).transpose(0, 1))
-    if tail is not None:
-        torch.mm(x[:, head:], tail, out=y[:, head:])
-    return y
+    y = torch.bmm(blocks_t, h[:head].view(nb, b, t)).view(head, t)
+    return y if tail_t is None else torch.cat([y, torch.mm(tail_t, h[head:])], dim=0)
 
 
 def _block_problems(refs: dict, field: str, dim: int) -> list[str]:
@@ -121,9 +99,10 @@ class DuQuantLinear(nn.Module):
 
     Buffers (None when the pack has no such transform), all on one device:
         perm: int64 [in]; in1, in2: [n_blocks, B, B], in1_tail, in2_tail: [t, t];
-        out: [n_row_blocks, Bo, Bo], out_tail (restore mode only); weight: [out, in] (dense
-        backend), bias: [out] (rotated in propagate mode); act_scale: [in] static per-channel
-        activation scales, in the transformed basis.
+        out: [n_row_blocks, Bo, Bo], out_tail (restore mode only): the pack's blocks, each
+        transposed (R^T) since the forward works channels-major (x^T, [in, T]);
+        weight: [out, in] (dense backend); bias: [out] (rotated in propagate mode);
+        act_scale: [in] static per-channel activation scales, in the transformed basis.
     Floating buffers are in the compute dtype; `model.to(...)` moves and casts them, and
     `state_dict()` holds them all (a calibrated `act_scale` loads back into a fresh layer).
 
@@ -206,11 +185,11 @@ class DuQuantLinear(nn.Module):
         if "perm" in tensors:
             layer.perm = tensors["perm"].to(device=device, dtype=torch.int64)
         keep = ("in1", "in2") + (("out",) if row_rot == "restore" else ())
-        for f in keep:
+        for f in keep:  # stored transposed, as the channels-major forward applies them
             if f in tensors:
-                setattr(layer, f, put(tensors[f]))
+                setattr(layer, f, put(tensors[f]).mT.contiguous())
                 if f + "_tail" in tensors:
-                    setattr(layer, f + "_tail", put(tensors[f + "_tail"]))
+                    setattr(layer, f + "_tail", put(tensors[f + "_tail"]).mT.contiguous())
         layer.output_rotated = row_rot == "propagate" and "out" in tensors
         for f, t in layer.kernel.prepare(entry, tensors, device, dtype).items():
             setattr(layer, f, t)
@@ -224,52 +203,56 @@ class DuQuantLinear(nn.Module):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Channels-major inside: one transpose in, one out. Block matmuls, the gather (a row
+        # gather of whole tokens' channels) and the matmul then need no other layout copy.
         lead = x.shape[:-1]
-        x = x.reshape(-1, self.in_features)
+        h = x.reshape(-1, self.in_features).t().contiguous()
         if self.in1 is not None:
-            x = _blocks(x, self.in1, self.in1_tail)
+            h = _blocks_t(h, self.in1, self.in1_tail)
         if self.perm is not None:
-            x = x.index_select(1, self.perm)
+            h = h.index_select(0, self.perm)
         if self.in2 is not None:
-            x = _blocks(x, self.in2, self.in2_tail)
+            h = _blocks_t(h, self.in2, self.in2_tail)
         if self.observer is not None:
-            self.observer(self, x)
+            self.observer(self, h.t())
         if self.act_mode == ACT_DYNAMIC:
             # Per-token: the token's scale factors out of the matmul and is applied after it.
-            x, scale = self._quant_tokens(x)
-            y = self.kernel.linear(self, x).mul_(scale)
+            q, scale = self._quant_tokens(h)
+            y = self.kernel.linear_t(self, q).mul_(scale)
         elif self.act_mode == ACT_STATIC:
             qmax = (1 << (self.a_bits - 1)) - 1
-            s = self.act_scale
-            y = self.kernel.linear(self, torch.div(x, s).round_().clamp_(-qmax - 1, qmax).mul_(s))
+            s = self.act_scale.view(-1, 1)
+            y = self.kernel.linear_t(self, torch.div(h, s).round_().clamp_(-qmax - 1, qmax).mul_(s))
         else:
-            y = self.kernel.linear(self, x)
+            y = self.kernel.linear_t(self, h)
         if self.out is not None:
-            y = _blocks(y, self.out, self.out_tail)
+            y = _blocks_t(y, self.out, self.out_tail)
         if self.bias is not None:
-            y = y.add_(self.bias)
-        return y.reshape(*lead, self.out_features)
+            y = y.add_(self.bias.view(-1, 1))
+        return y.t().contiguous().view(*lead, self.out_features)
 
-    def _quant_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(integer-valued codes centred on 0, per-token scale [T, 1]); x ~ codes * scale.
+    def _quant_tokens(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h [in, T] -> (integer-valued codes centred on 0, per-token scale [1, T]).
 
         The same rounding as `math.quantize.fake_quant_per_token`; the scale's floor 1e-8 is
         raised to float16's smallest normal in float16, where 1e-8 is 0 (and 0 / 0 NaN).
         """
-        eps = max(1e-8, torch.finfo(x.dtype).tiny)
+        eps = max(1e-8, torch.finfo(h.dtype).tiny)
         if self.act_asym:
             qmax = (1 << self.a_bits) - 1
-            lo = x.amin(1, keepdim=True).clamp(max=0) * self.act_clip
-            hi = x.amax(1, keepdim=True).clamp(min=0) * self.act_clip
+            lo = h.amin(0, keepdim=True).clamp(max=0) * self.act_clip
+            hi = h.amax(0, keepdim=True).clamp(min=0) * self.act_clip
             scale = ((hi - lo) / qmax).clamp_min(eps)
             zero = torch.round(-lo / scale)
-            q = torch.div(x, scale).add_(zero).round_().clamp_(0, qmax).sub_(zero)
+            q = torch.div(h, scale).add_(zero).round_().clamp_(0, qmax).sub_(zero)
             return q, scale
         qmax = (1 << (self.a_bits - 1)) - 1
         # max|x| without an |x| temporary (vector_norm(inf) and aminmax are slower on CPU)
-        amax = torch.maximum(x.amax(1, keepdim=True), -x.amin(1, keepdim=True))
+        amax = torch.maximum(h.amax(0, keepdim=True), -h.amin(0, keepdim=True))
         scale = (amax * (self.act_clip / qmax)).clamp_min(eps)
-        return torch.div(x, scale).round_().clamp_(-qmax - 1, qmax), scale
+        q = torch.div(h, scale).round_()
+        # Unclipped, |h / scale| <= qmax already; only a clipped range needs the clamp.
+        return (q.clamp_(-qmax - 1, qmax) if self.act_clip < 1.0 else q), scale
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, *args) -> None:
         """A state dict holding calibrated scales loads into a layer that has none yet."""

@@ -211,12 +211,10 @@ def _ops(fn) -> list[str]:
 
 
 @pytest.mark.parametrize("dims", [(32, 64, 16), (40, 56, 24)], ids=["full-blocks", "tails"])
-@pytest.mark.parametrize("direct", [False, True], ids=["plain", "direct"])
-def test_forward_ops_one_gather_one_bmm_per_transform(
-    tmp_path: Path, monkeypatch, dims, direct: bool
-) -> None:
-    """The plain path (CPU) copies each block matmul's [blocks, T, B] result into [T, n] once
-    (and joins a tail block to it); the direct path (CUDA; forced here) writes in place."""
+def test_forward_ops_one_gather_one_bmm_per_transform(tmp_path: Path, dims) -> None:
+    """Channels-major forward: one transpose copy in and one out, a single gather, one batched
+    matmul per transform (plus an mm and a cat per tail block), one matmul; nothing else
+    copies an activation."""
     base = TinyNet(dims=dims)
     out = make_pack(tmp_path, base)  # w4a8 dynamic, perm + in2 + out (restore)
     model = clone_model(base, dims=dims)
@@ -224,27 +222,21 @@ def test_forward_ops_one_gather_one_bmm_per_transform(
     layer = model.blocks[0]["up"]
     x = torch.randn(16, dims[0])
     with torch.no_grad():
-        plain = layer(x)
-        if direct:
-            monkeypatch.setattr(layer_mod, "DIRECT_DEVICES", ("cpu",))
         ops = _ops(lambda: layer(x))
-        assert torch.allclose(layer(x), plain, rtol=1e-5, atol=1e-6)
+    tails = dims[0] % 16 != 0
     assert ops.count("aten::index_select") == 1
     assert ops.count("aten::bmm") == 2  # in2 and out
-    assert ops.count("aten::linear") == 1
-    assert not [op for op in ops if "contiguous" in op]
-    tails = dims[0] % 16 != 0
-    assert ops.count("aten::reshape/aten::clone") == (0 if direct else 2)
-    assert ops.count("aten::cat") == (2 if tails and not direct else 0)
-    assert ops.count("aten::mm") == (2 if tails else 0)  # the tail blocks
+    assert ops.count("aten::mm") == 1 + (2 if tails else 0)  # the matmul, the tail blocks
+    assert ops.count("aten::cat") == (2 if tails else 0)
+    copies = [op for op in ops if op.endswith("aten::clone")]
+    assert len(copies) == 2, ops  # the transposes in and out
 
 
-def test_autograd_and_autocast_take_the_plain_path(tmp_path: Path, monkeypatch) -> None:
+def test_autograd_and_autocast(tmp_path: Path) -> None:
     base = TinyNet()
     out = make_pack(tmp_path, base, precision=W16A16)
     model = clone_model(base)
     load_packed(model, out)
-    monkeypatch.setattr(layer_mod, "DIRECT_DEVICES", ("cpu",))
     x = _x(40).requires_grad_(True)
     model(x).square().sum().backward()
     x2 = x.detach().clone().requires_grad_(True)
