@@ -30,6 +30,11 @@ _LAZY = {
     "verify_pack": "duquant_cli.commands.verify",
     "SourceCheck": "duquant_cli.commands.stale",
     "check_source": "duquant_cli.commands.stale",
+    "ImportSummary": "duquant_cli.commands.import_legacy",
+    "import_legacy": "duquant_cli.commands.import_legacy",
+    "PRESETS": "duquant_cli.presets",
+    "Preset": "duquant_cli.presets",
+    "get_preset": "duquant_cli.presets",
     "Backend": "duquant_cli.runtime.backends",
     "calibrating": "duquant_cli.runtime.calibrate",
     "save_act_scales": "duquant_cli.runtime.calibrate",
@@ -42,11 +47,13 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from duquant_cli.commands.apply import ApplyResult, apply
+    from duquant_cli.commands.import_legacy import ImportSummary, import_legacy
     from duquant_cli.commands.inspect import PackReport, inspect_pack
     from duquant_cli.commands.pack import PackSummary, pack
     from duquant_cli.commands.report import render_status
     from duquant_cli.commands.stale import SourceCheck, check_source
     from duquant_cli.commands.verify import VerifyReport, verify_pack
+    from duquant_cli.presets import PRESETS, Preset, get_preset
     from duquant_cli.runtime.backends import Backend
     from duquant_cli.runtime.calibrate import calibrating, save_act_scales
     from duquant_cli.runtime.layer import DuQuantLinear
@@ -76,8 +83,14 @@ __all__ = [
     "RowRot",
     "Scheme",
     # packing
+    "ImportSummary",
     "PackSummary",
+    "import_legacy",
     "pack",
+    # presets
+    "PRESETS",
+    "Preset",
+    "get_preset",
     # inspection
     "ApplyResult",
     "PackReport",

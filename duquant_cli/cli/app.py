@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from duquant_cli.cli import apply, bench, demo, inspect, pack
+from duquant_cli.cli import apply, bench, demo, import_legacy, inspect, pack, presets
 from duquant_cli.cli.common import debug
 
 app = typer.Typer(
@@ -31,6 +31,8 @@ app.command("demo")(demo.demo_cmd)
 app.command("bench")(bench.bench_cmd)
 app.command("inspect")(inspect.inspect_cmd)
 app.command("apply")(apply.apply_cmd)
+app.command("presets")(presets.presets_cmd)
+app.command("import-legacy")(import_legacy.import_legacy_cmd)
 
 
 def main() -> None:

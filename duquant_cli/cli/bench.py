@@ -25,12 +25,15 @@ def bench_cmd(
     block: Annotated[int, typer.Option(help="Block size.")] = 16,
     repeats: Annotated[int, typer.Option(help="Timed calls per case (median kept).")] = 20,
     threads: Annotated[int | None, typer.Option(help="torch threads [torch default].")] = None,
+    compile_: Annotated[
+        bool, typer.Option("--compile", help="Also time torch.compile'd dense against eager.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Measure pack speed, forward speed against nn.Linear, and memory, side by side."""
     import torch
 
-    from duquant_cli.commands.bench import FORWARD_SHAPES, bench, bench_pack
+    from duquant_cli.commands.bench import FORWARD_SHAPES, bench, bench_compile, bench_pack
 
     if threads:
         torch.set_num_threads(threads)
@@ -39,6 +42,8 @@ def bench_cmd(
         shapes = tuple((o // 4, i // 4) for o, i in FORWARD_SHAPES) if small else FORWARD_SHAPES
         fwd = bench(shapes=shapes, bits=bits, block=block, repeats=repeats)
         result |= {"layer_pack": fwd.pack, "forward": fwd.forward, "memory": fwd.memory}
+        if compile_:
+            result["compile"] = bench_compile(shape=shapes[0], repeats=repeats)
     if part in (Part.ALL, Part.PACK):
         result["pack"] = bench_pack(small=small, block=block, bits=bits)
     if as_json:
@@ -55,8 +60,9 @@ def _print(result: dict) -> None:
         for r in result["layer_pack"]:
             t.add_row("x".join(map(str, r["shape"])), f"{r['seconds']:.2f}", f"{r['mb_per_s']:.0f}")
         out.print(t)
-        t = Table(title="forward: dense backend vs nn.Linear (median, same dtype)")
-        for c in ("shape", "dtype", "tokens", "nn.Linear us", "dense us", "ratio", "1st/2nd"):
+        t = Table(title="forward: time / nn.Linear time at the same dtype (median, interleaved)")
+        backends = ("dense", "int8", "int4")
+        for c in ("shape", "dtype", "tokens", "nn.Linear us", *backends, "1st/2nd call"):
             t.add_column(c)
         for r in result["forward"]:
             t.add_row(
@@ -64,8 +70,7 @@ def _print(result: dict) -> None:
                 r["dtype"],
                 str(r["tokens"]),
                 f"{r['linear_us']:.0f}",
-                f"{r['dense_us']:.0f}",
-                f"{r['ratio']:.3f}",
+                *(f"{r[b + '_ratio']:.3f}" if b + "_ratio" in r else "-" for b in backends),
                 f"{r['first_us'] / r['second_us']:.2f}",
             )
         out.print(t)
@@ -82,6 +87,13 @@ def _print(result: dict) -> None:
                 f"{r['vs_bf16_weight']:.3f}",
             )
         out.print(t)
+    if "compile" in result:
+        c = result["compile"]
+        out.print(
+            f"torch.compile(fullgraph=True), dense {c['dtype']} {c['shape']} x {c['tokens']} "
+            f"tokens: compiled/eager = {c['compiled_vs_eager']:.3f} "
+            f"(compile {c['compile_s']:.1f} s)"
+        )
     if "pack" in result:
         p = result["pack"]
         t = Table(title=f"pack: {p['checkpoint']}", show_header=False)

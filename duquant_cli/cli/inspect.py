@@ -133,7 +133,7 @@ def _header(report: PackReport) -> list[tuple[str, str]]:
 
 
 def _totals(t: dict[str, Any]) -> list[tuple[str, str]]:
-    rt = t["runtime_bytes"]["dense"]
+    rt = t["runtime_bytes"]
     ratio16 = f"{t['size_vs_fp16']:.3f}x" if t["size_vs_fp16"] is not None else "-"
     ratio32 = f"{t['size_vs_fp32']:.3f}x" if t["size_vs_fp32"] is not None else "-"
     return [
@@ -143,9 +143,13 @@ def _totals(t: dict[str, Any]) -> list[tuple[str, str]]:
         ("layer tensors", str(human_bytes(t["tensor_bytes"]))),
         ("vs fp16 source", f"{ratio16} of {human_bytes(t['fp16_bytes'])}"),
         ("vs fp32 source", f"{ratio32} of {human_bytes(t['fp32_bytes'])}"),
-        ("runtime, dense fp32", str(human_bytes(rt["float32"]))),
-        ("runtime, dense bf16", str(human_bytes(rt["bfloat16"]))),
-        ("runtime, int kernels", "no such backend yet"),
+        *(
+            (
+                f"runtime, {b} (fp32 / bf16)",
+                f"{human_bytes(r['float32'])} / {human_bytes(r['bfloat16'])}",
+            )
+            for b, r in rt.items()
+        ),
     ]
 
 

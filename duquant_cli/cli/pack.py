@@ -10,11 +10,13 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Tr
 from rich.table import Table
 
 from duquant_cli.cli.common import clean_errors, err, mb, out, print_json
+from duquant_cli.cli.presets import PresetOption, with_preset
 from duquant_cli.config import Precision, QuantConfig, Rotation, RowRot, Scheme, parse_layer_bits
 
 
 @clean_errors
 def pack_cmd(
+    ctx: typer.Context,
     checkpoint: Annotated[Path, typer.Argument(help="safetensors file, folder, index or .bin/.pt")],
     out_dir: Annotated[
         Path | None, typer.Option("--out", "-o", help="Pack folder [packs/<ckpt>-<bits>-b<B>]")
@@ -49,6 +51,7 @@ def pack_cmd(
         list[str] | None, typer.Option(help="Per-layer precision REGEX=wXaY (repeatable).")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of every random choice.")] = 0,
+    preset: PresetOption = None,
     force: Annotated[bool, typer.Option(help="Replace an existing pack.")] = False,
     dry_run: Annotated[bool, typer.Option(help="List layers and sizes; write nothing.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
@@ -74,6 +77,7 @@ def pack_cmd(
         seed=seed,
     )
     sel = Selection(tuple(include or ()), tuple(exclude or ()), scope, default_exclude)
+    cfg, sel = with_preset(ctx, preset, cfg, sel)
     if dry_run or as_json:
         summary = pack(checkpoint, out_dir, config=cfg, selection=sel, force=force, dry_run=dry_run)
     else:

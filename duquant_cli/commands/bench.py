@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -125,26 +126,31 @@ def _interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def _time_forward(lin: nn.Linear, dq: DuQuantLinear, tokens: int, dtype, repeats: int) -> dict:
+def _time_forward(
+    lin: nn.Linear, layers: dict[str, nn.Module], tokens: int, dtype, repeats: int
+) -> dict:
+    """One row: nn.Linear and every backend on the same input, timed in alternation."""
     x = torch.randn(tokens, lin.in_features, dtype=dtype)
-    with torch.inference_mode():
-        t0 = time.perf_counter()
-        dq(x)
-        first = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        dq(x)
-        second = time.perf_counter() - t0
-        med = _interleaved({"linear": lambda: lin(x), "dense": lambda: dq(x)}, repeats)
-    return {
+    row: dict = {
         "shape": [lin.out_features, lin.in_features],
         "dtype": str(dtype).removeprefix("torch."),
         "tokens": tokens,
-        "linear_us": med["linear"] * 1e6,
-        "dense_us": med["dense"] * 1e6,
-        "ratio": med["dense"] / med["linear"],
-        "first_us": first * 1e6,
-        "second_us": second * 1e6,
     }
+    with torch.inference_mode():
+        first = next(iter(layers.values()))
+        t0 = time.perf_counter()
+        first(x)
+        row["first_us"] = (time.perf_counter() - t0) * 1e6
+        t0 = time.perf_counter()
+        first(x)
+        row["second_us"] = (time.perf_counter() - t0) * 1e6
+        fns = {"linear": lambda: lin(x)} | {k: (lambda m=m: m(x)) for k, m in layers.items()}
+        med = _interleaved(fns, repeats)
+    row["linear_us"] = med.pop("linear") * 1e6
+    for k, v in med.items():
+        row[f"{k}_us"] = v * 1e6
+        row[f"{k}_ratio"] = v * 1e6 / row["linear_us"]
+    return row
 
 
 def _write_checkpoint(path: Path, shapes: Iterable[tuple[int, int]], seed: int = 0) -> None:
@@ -161,6 +167,21 @@ def _layer_bytes(m: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in held)
 
 
+def _backend_layers(
+    packs: dict[str, Pack], bits: str, name: str, dtype
+) -> dict[str, DuQuantLinear]:
+    """Every backend this layer runs on: dense and int8 from the `bits` pack, int4 from w4a16."""
+    out = {}
+    for backend, b in ((Backend.DENSE, bits), (Backend.INT8, bits), (Backend.INT4, "w4a16")):
+        entry = packs[b].layers[name]
+        layer = DuQuantLinear.from_pack(
+            entry, packs[b].load(name), bias=None, dtype=dtype, backend=backend
+        )
+        if layer.backend is backend:
+            out[backend.value] = layer
+    return out
+
+
 def bench(
     shapes: tuple[tuple[int, int], ...] = FORWARD_SHAPES,
     tokens: tuple[int, ...] = TOKENS,
@@ -168,60 +189,79 @@ def bench(
     bits: str = "w4a8",
     block: int = 16,
     repeats: int = 20,
-    threads: int | None = None,
 ) -> BenchResult:
-    """Pack the shapes once, then time DuQuant layers against nn.Linear and count bytes."""
-    if threads:
-        torch.set_num_threads(threads)
+    """Pack the shapes once (at `bits` and at w4a16), then time every backend against
+    nn.Linear of the same dtype, and count each backend's bytes."""
     res = BenchResult()
-    cfg = QuantConfig(precision=Precision.parse(bits), block=block)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "bench.safetensors"
         _write_checkpoint(ckpt, shapes)
-        summary = pack(ckpt, Path(tmp) / "pack", config=cfg)
-        for r in summary.layers:
-            res.pack.append(
-                {
-                    "shape": list(r.shape),
-                    "seconds": r.seconds,
-                    "mb_per_s": r.source_bytes / 1e6 / r.seconds,
-                }
-            )
-        p = Pack.open(Path(tmp) / "pack")
-        from safetensors import safe_open
-
+        packs = {}
+        for b in (bits, "w4a16"):
+            cfg = QuantConfig(precision=Precision.parse(b), block=block)
+            summary = pack(ckpt, Path(tmp) / b, config=cfg)
+            packs[b] = Pack.open(Path(tmp) / b)
+            if b == bits:
+                res.pack = [
+                    {
+                        "shape": list(r.shape),
+                        "seconds": r.seconds,
+                        "mb_per_s": r.source_bytes / 1e6 / r.seconds,
+                    }
+                    for r in summary.layers
+                ]
         with safe_open(str(ckpt), framework="pt") as f:
             weights = {k.removesuffix(".weight"): f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-        for name, entry in p.layers.items():
-            tensors = p.load(name)
+        for name, entry in packs[bits].layers.items():
+            o, n = entry.out_features, entry.in_features
             for dtype in dtypes:
-                lin = nn.Linear(entry.in_features, entry.out_features, bias=False, dtype=dtype)
+                lin = nn.Linear(n, o, bias=False, dtype=dtype)
                 lin.weight.data.copy_(weights[name])
-                dq = DuQuantLinear.from_pack(
-                    entry,
-                    tensors,
-                    bias=None,
-                    device=torch.device("cpu"),
-                    dtype=dtype,
-                    backend=Backend.DENSE,
-                )
-                w_bytes = entry.out_features * entry.in_features
-                res.memory.append(
-                    {
-                        "shape": [entry.out_features, entry.in_features],
-                        "backend": "dense",
-                        "dtype": str(dtype).removeprefix("torch."),
-                        "bytes": _layer_bytes(dq),
-                        "vs_linear_same_dtype": _layer_bytes(dq) / _layer_bytes(lin),
-                        "vs_fp32_weight": _layer_bytes(dq) / (4 * w_bytes),
-                        "vs_bf16_weight": _layer_bytes(dq) / (2 * w_bytes),
-                    }
-                )
+                layers = _backend_layers(packs, bits, name, dtype)
+                for label, layer in layers.items():
+                    res.memory.append(
+                        {
+                            "shape": [o, n],
+                            "backend": label,
+                            "dtype": str(dtype).removeprefix("torch."),
+                            "bytes": _layer_bytes(layer),
+                            "vs_linear_same_dtype": _layer_bytes(layer) / _layer_bytes(lin),
+                            "vs_fp32_weight": _layer_bytes(layer) / (4 * o * n),
+                            "vs_bf16_weight": _layer_bytes(layer) / (2 * o * n),
+                        }
+                    )
                 for t in tokens:
-                    res.forward.append(_time_forward(lin, dq, t, dtype, repeats))
-                del lin, dq
+                    res.forward.append(_time_forward(lin, layers, t, dtype, repeats))
+                del lin, layers
                 gc.collect()
     return res
+
+
+def bench_compile(shape=(2048, 2048), tokens: int = 64, dtype=torch.float32, repeats=20) -> dict:
+    """torch.compile(fullgraph=True) of the dense backend against eager, side by side."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / "c.safetensors"
+        _write_checkpoint(ckpt, [shape])
+        pack(ckpt, Path(tmp) / "p")
+        p = Pack.open(Path(tmp) / "p")
+        name, entry = next(iter(p.layers.items()))
+        layer = DuQuantLinear.from_pack(entry, p.load(name), bias=None, dtype=dtype)
+    compiled = torch.compile(layer, fullgraph=True)
+    x = torch.randn(tokens, shape[1], dtype=dtype)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        compiled(x)
+        compile_s = time.perf_counter() - t0
+        med = _interleaved({"eager": lambda: layer(x), "compiled": lambda: compiled(x)}, repeats)
+    return {
+        "shape": list(shape),
+        "tokens": tokens,
+        "dtype": str(dtype).removeprefix("torch."),
+        "compile_s": compile_s,
+        "eager_us": med["eager"] * 1e6,
+        "compiled_us": med["compiled"] * 1e6,
+        "compiled_vs_eager": med["compiled"] / med["eager"],
+    }
 
 
 def bench_load(model_factory: Callable[[], nn.Module], pack_dir: Path, repeats: int = 3) -> dict:

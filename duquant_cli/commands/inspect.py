@@ -13,8 +13,14 @@ from typing import Any
 
 from duquant_cli.config import Precision, compile_regex
 from duquant_cli.errors import ConfigError, PackError
-from duquant_cli.formats.manifest import MANIFEST, read_manifest
-from duquant_cli.runtime.memory import DTYPE_BYTES, RUNTIME_DTYPES, dense_layer_bytes
+from duquant_cli.formats.manifest import MANIFEST, LayerEntry, read_manifest
+from duquant_cli.runtime.memory import (
+    DTYPE_BYTES,
+    RUNTIME_BACKENDS,
+    RUNTIME_DTYPES,
+    layer_bytes,
+)
+from duquant_cli.runtime.support import choose
 
 SCHEMA_VERSION = 1
 # The words `status(model)` uses for a live layer; a calibrated one may add its percentile.
@@ -41,7 +47,7 @@ def _obj(props: dict[str, Any], *, closed: bool = True) -> dict[str, Any]:
     }
 
 
-_RUNTIME = _obj({"dense": _obj({d: _INT for d in RUNTIME_DTYPES})})
+_RUNTIME = _obj({b: _obj({d: _INT for d in RUNTIME_DTYPES}) for b in RUNTIME_BACKENDS})
 _NAMES = {"type": "array", "items": _STR}
 LAYER_SCHEMA = _obj(
     {
@@ -227,9 +233,19 @@ def _layer_row(d: dict[str, Any]) -> dict[str, Any]:
     mode = act_mode(prec.a_bits, quant.get("act_mode"))
     calibrated = mode == "static" and "act_scale" in tensors
 
-    def dense(dtype: str) -> int:
-        return dense_layer_bytes(
-            out_f, in_f, fields, a_bits=prec.a_bits, row_rot=row_rot, has_bias=has_bias, dtype=dtype
+    entry = LayerEntry.from_json(d)
+
+    def runtime(requested: str, dtype: str) -> int:
+        backend = choose(requested, "cpu", entry)[0]
+        return layer_bytes(
+            out_f,
+            in_f,
+            fields,
+            a_bits=prec.a_bits,
+            row_rot=row_rot,
+            has_bias=has_bias,
+            dtype=dtype,
+            backend=backend,
         )
 
     return {
@@ -259,7 +275,9 @@ def _layer_row(d: dict[str, Any]) -> dict[str, Any]:
         "scale_min": info.get("scale_min"),
         "scale_median": info.get("scale_median"),
         "scale_max": info.get("scale_max"),
-        "runtime_bytes": {"dense": {dt: dense(dt) for dt in RUNTIME_DTYPES}},
+        "runtime_bytes": {
+            b: {dt: runtime(b, dt) for dt in RUNTIME_DTYPES} for b in RUNTIME_BACKENDS
+        },
     }
 
 
@@ -277,9 +295,8 @@ def totals(rows: list[dict[str, Any]], pack_bytes: int) -> dict[str, Any]:
         "size_vs_fp16": tensor_bytes / (2 * params) if params else None,
         "size_vs_fp32": tensor_bytes / (4 * params) if params else None,
         "runtime_bytes": {
-            "dense": {
-                dt: sum(r["runtime_bytes"]["dense"][dt] for r in rows) for dt in RUNTIME_DTYPES
-            }
+            b: {dt: sum(r["runtime_bytes"][b][dt] for r in rows) for dt in RUNTIME_DTYPES}
+            for b in RUNTIME_BACKENDS
         },
     }
 

@@ -55,9 +55,7 @@ def candidate_rows(x: torch.Tensor, max_rows: int | None = None) -> torch.Tensor
     return x[keep]
 
 
-def step_matrix(
-    d: int, order: torch.Tensor, signs: torch.Tensor, r0: torch.Tensor
-) -> torch.Tensor:
+def step_matrix(d: int, order: torch.Tensor, signs: torch.Tensor, r0: torch.Tensor) -> torch.Tensor:
     """G = E_d . diag(1, S) . R0 . E_d as one [B, B] matrix, S given as a column order and signs.
 
     x @ G = ((x E_d)[:, order] * signs) @ (R0 E_d); gathering x's columns by `idx` equals

@@ -67,15 +67,18 @@ def _codes(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bit
     return (torch.round(wg / scale[..., None]) + z).clamp_(0, (1 << bits) - 1)
 
 
-def _best_ratio(wg: torch.Tensor, bits: int, asym: bool) -> torch.Tensor:
-    """Per-group clip ratio from CLIP_GRID with the least squared reconstruction error.
+def _best_ratio(
+    wg: torch.Tensor, bits: int, asym: bool, grid: tuple[float, ...] = CLIP_GRID
+) -> torch.Tensor:
+    """Per-group clip ratio from `grid` with the least squared reconstruction error (the first
+    one on ties).
 
     Works in code units (w / scale) with preallocated buffers: this search is most of pack time.
     """
     best_err = best = None
     u = torch.empty_like(wg)
     r = torch.empty_like(wg)
-    for ratio in CLIP_GRID:
+    for ratio in grid:
         rt = torch.full(wg.shape[:2], ratio)
         scale, zero = _ranges(wg, rt, bits, asym)
         torch.div(wg, scale[..., None], out=u)
@@ -104,11 +107,13 @@ def quantize_weight(
     asym: bool = False,
     group_size: int | None = None,
     clip_search: bool = True,
+    grid: tuple[float, ...] = CLIP_GRID,
 ) -> QuantizedWeight:
     """Quantize per output channel (or per group of `group_size` inputs).
 
     With `clip_search`, each group's range is shrunk by the ratio in CLIP_GRID that minimises
     its squared reconstruction error: a few clipped outliers cost less than a coarse grid.
+    `grid` replaces CLIP_GRID (ratios above 1 widen the range; imported legacy packs use theirs).
     """
     out, n = w.shape
     gs = group_size or n
@@ -121,7 +126,7 @@ def quantize_weight(
     zeros = torch.empty(out, n // gs, dtype=torch.uint8) if asym else None
     for r0 in range(0, out, rows):
         wg = w[r0 : r0 + rows].view(-1, n // gs, gs)
-        ratio = _best_ratio(wg, bits, asym) if clip_search else torch.ones(wg.shape[:2])
+        ratio = _best_ratio(wg, bits, asym, grid) if clip_search else torch.ones(wg.shape[:2])
         scale, zero = _ranges(wg, ratio, bits, asym)
         codes[r0 : r0 + rows] = _codes(wg, scale, zero, bits).view(-1, n).to(torch.uint8)
         scales[r0 : r0 + rows] = scale

@@ -2,37 +2,50 @@
 
 A backend is a `Kernel`: `prepare` turns a pack layer's stored weight (float `weight`, or
 `qweight` codes with `scale`/`zero`) into the buffers the layer keeps, once, at load time;
-`linear` runs the matmul on activations that are already transformed and quantized. For dynamic
-activations those are integer-valued (the per-token scale is applied after the matmul), so an
-integer backend of a later issue can add its kernel here without touching the layer.
+`linear_t` runs the matmul channels-major on activations already transformed and quantized.
+Dynamic activations arrive integer-valued (their per-token scale is applied after the matmul),
+which is what lets the integer kernels compute in integers.
 """
 
 from __future__ import annotations
 
+import logging
 from enum import Enum
 from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from duquant_cli.formats.pack import LayerEntry
+from duquant_cli.formats.manifest import LayerEntry
 from duquant_cli.math.bitpack import unpack_codes
-from duquant_cli.math.quantize import dequantize
+from duquant_cli.math.quantize import dequantize, sym_zero
+from duquant_cli.runtime.support import choose, int4_group
 
 if TYPE_CHECKING:
     from duquant_cli.runtime.layer import DuQuantLinear
+
+log = logging.getLogger("duquant")
 
 
 class Backend(str, Enum):
     """Weight storage and matmul kernel of a DuQuant layer.
 
-    DENSE: the dequantized transformed weight, once, in the compute dtype ([out, in]); plain
-        `F.linear`. Bit-identical to `dequantize(codes, scale, zero)` cast to the compute dtype;
-        works on every device and dtype. The reference every other backend is tested against.
-    AUTO: pick the fastest backend the device, dtype and precision allow (today: DENSE).
+    DENSE: `weight` [out, in], the dequantized transformed weight once in the compute dtype;
+        `torch.mm`. Bit-identical to `dequantize(codes, scale, zero)` cast to the compute dtype;
+        every device, dtype and pack. The reference the other backends are tested against.
+    INT8: `weight` int8 [out, in] (symmetric codes re-centred on 0) and `weight_scale` [out, 1];
+        per-token int8 activations and `torch._int_mm` (int32 accumulation). Packs with
+        symmetric per-channel weights of <= 8 bits and dynamic symmetric activations of <= 8
+        bits (w4a8, w8a8); CPU.
+    INT4: `weight` in torch's int4-packed CPU layout, made at load from the pack's codes, and
+        `scale_zero` [in / g, out, 2]; `_weight_int4pack_mm_for_cpu` on float activations.
+        Weight-only w4a16 packs whose groups (or rows) split into 32-256 wide groups; CPU.
+    AUTO: per layer, int4 for w4a16, int8 for what it takes, else dense; `status(model)` says why.
     """
 
     AUTO = "auto"
     DENSE = "dense"
+    INT8 = "int8"
+    INT4 = "int4"
 
 
 class Kernel(Protocol):
@@ -47,32 +60,28 @@ class Kernel(Protocol):
         ...
 
     def linear_t(self, layer: DuQuantLinear, h: torch.Tensor) -> torch.Tensor:
-        """Channels-major: h [in, T] (transformed, quantized) -> [out, T], before row restore,
-        scale and bias."""
+        """Channels-major: h [in, T] (transformed, quantized) -> [out, T] in h's dtype, before
+        row restore, activation scale and bias."""
         ...
 
 
-class DenseKernel:
-    """Keeps `weight` [out, in] in the compute dtype; the matmul is `F.linear`."""
+def _codes(entry: LayerEntry, tensors: dict[str, torch.Tensor], device) -> torch.Tensor:
+    return unpack_codes(tensors["qweight"].to(device), entry.precision.w_bits, entry.in_features)
 
-    def prepare(
-        self,
-        entry: LayerEntry,
-        tensors: dict[str, torch.Tensor],
-        device: torch.device,
-        dtype: torch.dtype,
-    ) -> dict[str, torch.Tensor]:
+
+class DenseKernel:
+    """Keeps `weight` [out, in] in the compute dtype; the matmul is `torch.mm`."""
+
+    def prepare(self, entry, tensors, device, dtype):
         if "weight" in tensors:
             return {"weight": tensors["weight"].to(device=device, dtype=dtype)}
-        bits = entry.precision.w_bits
         # Dequantized on the target device: the same float32 ops, so the same bits, only faster.
-        codes = unpack_codes(tensors["qweight"].to(device), bits, entry.in_features)
         zero = tensors.get("zero")
         w = dequantize(
-            codes,
+            _codes(entry, tensors, device),
             tensors["scale"].to(device),
             None if zero is None else zero.to(device),
-            bits,
+            entry.precision.w_bits,
         )
         return {"weight": w.to(dtype)}
 
@@ -80,14 +89,84 @@ class DenseKernel:
         return torch.mm(layer.weight, h)
 
 
-KERNELS: dict[Backend, Kernel] = {Backend.DENSE: DenseKernel()}
+class Int8Kernel:
+    """int8 weight codes and `torch._int_mm(weight, activations)`: weight-first, since that
+    operand order is also the right one for a single token (the other order returns wrong
+    results on CPU for one row in torch 2.13)."""
+
+    def prepare(self, entry, tensors, device, dtype):
+        codes = _codes(entry, tensors, device).to(torch.int16) - sym_zero(entry.precision.w_bits)
+        return {
+            "weight": codes.to(torch.int8),
+            "weight_scale": tensors["scale"].to(device=device, dtype=torch.float32),
+        }
+
+    def linear_t(self, layer: DuQuantLinear, h: torch.Tensor) -> torch.Tensor:
+        acc = torch._int_mm(layer.weight, h.to(torch.int8))
+        return torch.mul(acc, layer.weight_scale).to(h.dtype)
+
+
+class Int4Kernel:
+    """torch's int4-packed weight-only CPU matmul, for one token at a time (decode): it streams
+    a quarter of the bf16 bytes; with many tokens the dense backend is faster."""
+
+    def prepare(self, entry, tensors, device, dtype):
+        n = entry.in_features
+        scale = tensors["scale"].float()
+        g = int4_group(n, n // scale.shape[1])
+        assert g is not None  # choose_backend checked it
+        scale = scale.repeat_interleave(n // scale.shape[1] // g, dim=1)  # [out, n / g]
+        zero = tensors.get("zero")
+        # (code - z) * s == (code - 8) * s + (8 - z) * s: torch's layout takes a float zero.
+        if zero is None:
+            fzero = torch.zeros_like(scale)
+        else:
+            z = zero.float().repeat_interleave(n // zero.shape[1] // g, dim=1)
+            fzero = (8 - z) * scale
+        codes = _codes(entry, tensors, "cpu").to(torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        scale_zero = torch.stack([scale, fzero], dim=-1).transpose(0, 1).contiguous()
+        return {"weight": packed.to(device), "scale_zero": scale_zero.to(device, dtype)}
+
+    def linear_t(self, layer: DuQuantLinear, h: torch.Tensor) -> torch.Tensor:
+        g = layer.in_features // layer.scale_zero.shape[0]
+        return int4_mm_t(h, layer.weight, g, layer.scale_zero)
+
+
+@torch.library.custom_op("duquant::int4_mm_t", mutates_args=())
+def int4_mm_t(
+    h: torch.Tensor, weight: torch.Tensor, group: int, scale_zero: torch.Tensor
+) -> torch.Tensor:
+    """Channels-major int4 matmul. An opaque op, so that torch.compile keeps the contiguous
+    token-major input the kernel requires (inductor does not for the aten op itself)."""
+    x = h.t().contiguous().to(scale_zero.dtype)
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, weight, group, scale_zero)
+    return y.t().contiguous().to(h.dtype)
+
+
+@int4_mm_t.register_fake
+def _(h: torch.Tensor, weight: torch.Tensor, group: int, scale_zero: torch.Tensor) -> torch.Tensor:
+    return h.new_empty(weight.shape[0], h.shape[1])
+
+
+KERNELS: dict[Backend, Kernel] = {
+    Backend.DENSE: DenseKernel(),
+    Backend.INT8: Int8Kernel(),
+    Backend.INT4: Int4Kernel(),
+}
 
 
 def choose_backend(
-    requested: Backend, device: torch.device, dtype: torch.dtype, w_bits: int, a_bits: int
+    requested: Backend, device: torch.device, dtype: torch.dtype, entry: LayerEntry
 ) -> tuple[Backend, str]:
-    """(backend, reason): the reason is shown by `status(model)`."""
-    if requested is Backend.DENSE:
-        return Backend.DENSE, "requested"
-    where = f"{device.type}/{str(dtype).removeprefix('torch.')}"
-    return Backend.DENSE, f"auto: dense, the only backend so far ({where})"
+    """(backend, reason) for one layer (see `support.choose`); the reason is shown by
+    `status(model)`. A requested integer backend that cannot run the layer is logged."""
+    backend, why = choose(requested.value, device.type, entry)
+    if requested not in (Backend.AUTO, Backend(backend)):
+        log.warning(
+            "%s: %s backend not possible (%s); using dense",
+            entry.name,
+            requested.value,
+            why.split(": ", 1)[1],
+        )
+    return Backend(backend), why

@@ -65,6 +65,8 @@ def calibrating(model: nn.Module, percentile: float = 99.9) -> Iterator[list[str
             f"{type(model).__name__} has no DuQuant layers with quantized activations "
             "(load a pack with load_packed first)"
         )
+    for m in layers.values():
+        m.check_static_ok()
     saved = {m: m.act_mode for m in layers.values()}
     for m in layers.values():
         m.observer, m.act_mode = _PercentileObserver(percentile), ACT_NONE
@@ -82,7 +84,7 @@ def calibrating(model: nn.Module, percentile: float = 99.9) -> Iterator[list[str
             continue
         qmax = (1 << (m.a_bits - 1)) - 1
         scale = (obs.value / qmax).clamp_min(ACT_SCALE_MIN)
-        m.act_scale = scale.to(device=m.weight.device, dtype=m.weight.dtype)
+        m.act_scale = scale.to(device=m.weight.device, dtype=m.compute_dtype)
         m.act_mode, m.calibrated, m.act_percentile = ACT_STATIC, True, percentile
         calibrated.append(name)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from duquant_cli.errors import MismatchError
+from duquant_cli.errors import ConfigError, MismatchError
 from duquant_cli.formats.pack import LayerEntry
 from duquant_cli.math.bitpack import packed_cols
 from duquant_cli.math.permutation import is_permutation
@@ -174,9 +174,8 @@ class DuQuantLinear(nn.Module):
             act_clip=float(q.get("act_clip", 1.0)),
             name=entry.name,
         )
-        if backend is Backend.AUTO:
-            prec = entry.precision
-            backend, reason = choose_backend(backend, device, dtype, prec.w_bits, prec.a_bits)
+        if backend is Backend.AUTO or not reason:
+            backend, reason = choose_backend(backend, device, dtype, entry)
         layer.backend, layer.kernel, layer.backend_reason = backend, KERNELS[backend], reason
 
         def put(t: torch.Tensor) -> torch.Tensor:
@@ -192,7 +191,7 @@ class DuQuantLinear(nn.Module):
                     setattr(layer, f + "_tail", put(tensors[f + "_tail"]).mT.contiguous())
         layer.output_rotated = row_rot == "propagate" and "out" in tensors
         for f, t in layer.kernel.prepare(entry, tensors, device, dtype).items():
-            setattr(layer, f, t)
+            layer.register_buffer(f, t)
         b = tensors.get("bias", bias)
         if b is not None:
             layer.bias = put(b.detach())
@@ -254,12 +253,27 @@ class DuQuantLinear(nn.Module):
         # Unclipped, |h / scale| <= qmax already; only a clipped range needs the clamp.
         return (q.clamp_(-qmax - 1, qmax) if self.act_clip < 1.0 else q), scale
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype activations are computed in: the floating buffers' (`model.to` casts them;
+        an integer backend's weight itself is not floating)."""
+        return next(b.dtype for b in self.buffers(recurse=False) if b.is_floating_point())
+
+    def check_static_ok(self) -> None:
+        """Static per-channel activation scales do not factor out of an integer matmul."""
+        if self.backend is not Backend.DENSE:
+            raise ConfigError(
+                f"{self.name}: static activation scales need the dense backend, this layer runs "
+                f"{self.backend.value} (load with backend='dense' to calibrate)"
+            )
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, *args) -> None:
         """A state dict holding calibrated scales loads into a layer that has none yet."""
         scale = state_dict.get(prefix + "act_scale")
         if scale is not None and self.act_scale is None and self.a_bits < 16:
-            w = self.weight
-            self.act_scale = scale.new_empty(scale.shape, device=w.device, dtype=w.dtype)
+            self.check_static_ok()
+            dev = self.weight.device
+            self.act_scale = scale.new_empty(scale.shape, device=dev, dtype=self.compute_dtype)
             self.act_mode, self.calibrated = ACT_STATIC, True
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, *args)
 

@@ -11,6 +11,7 @@ from torch import nn
 from duquant_cli.errors import ConfigError, MismatchError
 from duquant_cli.formats.checkpoint import tensor_sha256
 from duquant_cli.formats.pack import DTYPES, LayerEntry, Pack
+from duquant_cli.presets import get_preset
 from duquant_cli.runtime.backends import Backend, choose_backend
 from duquant_cli.runtime.layer import DuQuantLinear, entry_problems
 
@@ -106,6 +107,7 @@ def load_packed(
     strict: bool = True,
     prefix: Prefix = "",
     verify_source: bool = False,
+    preset: str | None = None,
 ) -> LoadReport:
     """Replace each packed `nn.Linear` of `model` with a `DuQuantLinear`.
 
@@ -124,6 +126,8 @@ def load_packed(
         prefix: maps pack names to module names (see `module_name`): "model." or
             ("old.", "new.").
         verify_source: refuse the pack if the model's weights differ from those it was made from.
+        preset: replace only the layers of this preset (see `duquant presets`), matched against
+            module names, even if the pack holds more; the others are skipped and reported.
 
     Returns:
         A LoadReport.
@@ -139,6 +143,7 @@ def load_packed(
         ['encoder.layer.0.attention.self.query']
     """
     dev, backend = _options(device, dtype, backend)
+    only = None if preset is None else get_preset(preset)
     pack = Pack.open(pack_dir)
     modules = dict(model.named_modules())
     report = LoadReport()
@@ -146,6 +151,9 @@ def load_packed(
     chosen: list[tuple[LayerEntry, str, nn.Linear]] = []
     for entry in pack.layers.values():
         name = module_name(entry.name, prefix)
+        if only is not None and not only.matches(name):
+            report.skipped.append((entry.name, f"{name}: not a layer of preset {only.name}"))
+            continue
         mod = modules.get(name)
         found = _fit(entry, name, mod)
         if mod is None and not strict:
@@ -156,6 +164,10 @@ def load_packed(
             chosen.append((entry, name, mod))
     if problems:
         raise MismatchError(_summarize(f"{pack.path}: pack does not fit the model", problems))
+    if only is not None and len(report.skipped) == len(pack.layers):
+        raise MismatchError(
+            f"{pack.path}: none of the pack's {len(pack.layers)} layers is in preset {only.name}"
+        )
     if verify_source:
         stale = [name for entry, name, mod in chosen if _stale(entry, mod)]
         if stale:
@@ -167,7 +179,7 @@ def load_packed(
         tensors = pack.load(entry.name)
         d = dev or mod.weight.device
         dt = dtype or mod.weight.dtype
-        be, why = choose_backend(backend, d, dt, entry.precision.w_bits, entry.precision.a_bits)
+        be, why = choose_backend(backend, d, dt, entry)
         bias = None if mod.bias is None else mod.bias.detach()
         new = DuQuantLinear.from_pack(
             entry, tensors, bias=bias, device=d, dtype=dt, backend=be, reason=why

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from math import prod
 
+from duquant_cli.runtime.support import int4_group
+
 DTYPE_BYTES = {
     "float32": 4,
     "float16": 2,
@@ -19,13 +21,15 @@ DTYPE_BYTES = {
     "uint8": 1,
     "int8": 1,
 }
-# Compute dtypes `inspect` reports; int backends will add their own rows when they exist.
+# What `inspect` reports: bytes per requested backend (on cpu, where the integer kernels run;
+# a layer a kernel cannot run falls back to dense, as load_packed does) and compute dtype.
+RUNTIME_BACKENDS = ("dense", "int8", "int4", "auto")
 RUNTIME_DTYPES = ("float32", "bfloat16")
 _IN_BLOCKS = ("in1", "in1_tail", "in2", "in2_tail")
 _OUT_BLOCKS = ("out", "out_tail")
 
 
-def dense_layer_bytes(
+def layer_bytes(
     out_features: int,
     in_features: int,
     fields: Mapping[str, Sequence[int]],
@@ -34,15 +38,29 @@ def dense_layer_bytes(
     row_rot: str,
     has_bias: bool,
     dtype: str,
+    backend: str = "dense",
 ) -> int:
-    """Bytes `DuQuantLinear.from_pack` holds on the dense backend in compute `dtype`.
+    """Bytes `DuQuantLinear.from_pack` holds for `backend` in compute `dtype`.
 
-    `fields` maps the pack's tensor fields to their shapes. Mirrors from_pack: the weight is
-    dequantized once to [out, in]; transforms, bias and static scales are cast to `dtype`; the
-    permutation is int64; output blocks are dropped unless rows are restored.
+    `fields` maps the pack's tensor fields to their shapes. Mirrors from_pack and the kernels:
+    dense dequantizes the weight once to [out, in] in `dtype`; int8 keeps int8 codes and float32
+    per-channel scales; int4 keeps torch's packed layout (half a byte a weight) and a scale and
+    zero per kernel group in `dtype`. Transforms, bias and static scales are cast to `dtype`;
+    the permutation is int64; output blocks are dropped unless rows are restored.
     """
     size = DTYPE_BYTES[dtype]
-    n = out_features * in_features * size
+    if backend == "dense":
+        n = out_features * in_features * size
+    elif backend == "int8":
+        n = out_features * in_features + out_features * DTYPE_BYTES["float32"]
+    elif backend == "int4":
+        groups = fields["scale"][1]
+        g = int4_group(in_features, in_features // groups)
+        if g is None:
+            raise ValueError(f"no int4 kernel group for {in_features} inputs in {groups} groups")
+        n = out_features * in_features // 2 + (in_features // g) * out_features * 2 * size
+    else:
+        raise ValueError(f"unknown backend {backend!r}")
     blocks = _IN_BLOCKS + (_OUT_BLOCKS if row_rot == "restore" else ())
     n += sum(prod(fields[f]) * size for f in blocks if f in fields)
     if "perm" in fields:

@@ -90,7 +90,7 @@ def build(kind: str, root: Path) -> Path:
     elif kind == "static":
         pack(ckpt, out, config=QuantConfig(block=16, block_out=12))
         model = model_for(state)
-        load_packed(model, out)
+        load_packed(model, out, backend="dense")
         g = torch.Generator().manual_seed(1)
         with calibrating(model):
             for _ in range(2):

@@ -147,7 +147,8 @@ def test_totals(packs: dict[str, Path]) -> None:
     assert t["size_vs_fp16"] == pytest.approx(t["tensor_bytes"] / (2 * params))
     assert t["size_vs_fp32"] == pytest.approx(t["size_vs_fp16"] / 2)
     for dt in ("float32", "bfloat16"):
-        assert t["runtime_bytes"]["dense"][dt] == sum(r["runtime_bytes"]["dense"][dt] for r in rows)
+        for b in ("dense", "int8", "int4", "auto"):
+            assert t["runtime_bytes"][b][dt] == sum(r["runtime_bytes"][b][dt] for r in rows)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -156,15 +157,17 @@ def test_runtime_bytes_and_labels_match_status_of_the_loaded_model(
     packs: dict[str, Path], kind: str, dtype: torch.dtype
 ) -> None:
     """What inspect predicts from the manifest is what the live layers hold and report."""
-    model = model_for(small_state())
-    load_packed(model, packs[kind], dtype=dtype)
-    live = {r["name"]: r for r in status(model)}
     name = str(dtype).removeprefix("torch.")
-    for row in _json(packs[kind])["layers"]:
-        s = live[row["name"]]
-        assert s["bytes"] == row["runtime_bytes"]["dense"][name], row["name"]
-        for key in ("shape", "precision", "activations", "row_rot", "act_calibrated"):
-            assert s[key] == row[key], (row["name"], key)
+    rows = _json(packs[kind])["layers"]
+    for backend in ("dense", "int8", "int4", "auto"):
+        model = model_for(small_state())
+        load_packed(model, packs[kind], dtype=dtype, backend=backend)
+        live = {r["name"]: r for r in status(model)}
+        for row in rows:
+            s = live[row["name"]]
+            assert s["bytes"] == row["runtime_bytes"][backend][name], (row["name"], backend)
+            for key in ("shape", "precision", "activations", "row_rot", "act_calibrated"):
+                assert s[key] == row[key], (row["name"], key)
 
 
 def test_layer_filter(packs: dict[str, Path]) -> None:
@@ -186,8 +189,8 @@ def test_table(packs: dict[str, Path]) -> None:
     for needle in (
         "duquant-pack v1", "duquant 0.1.0", "created", "ckpt.safetensors", "layer_bits",
         "attn=w16a16", *SMALL_LINEARS, "w16a16", "w3a8", "hadamard", "restore", "dynamic",
-        "none", "960 B", "totals", "parameters", "2,496", "runtime, dense fp32",
-        "runtime, dense bf16",
+        "none", "960 B", "totals", "parameters", "2,496", "runtime, dense (fp32 / bf16)",
+        "runtime, int8 (fp32 / bf16)", "runtime, auto (fp32 / bf16)",
     ):  # fmt: skip
         assert needle in text, needle
     q_line = next(line for line in text.splitlines() if "layers.0.attn.q_proj" in line)

@@ -34,7 +34,7 @@ def _text(table) -> str:
 def loaded(tmp_path_factory: pytest.TempPathFactory):
     p = build("static", tmp_path_factory.mktemp("k"))
     model = model_for(small_state())
-    load_packed(model, p)
+    load_packed(model, p, backend="dense")
     return p, model
 
 

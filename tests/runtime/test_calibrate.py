@@ -36,7 +36,7 @@ def loaded(tmp_path: Path):
     base = TinyNet()
     out = make_pack(tmp_path, base)
     model = clone_model(base)
-    load_packed(model, out)
+    load_packed(model, out, backend="dense")
     return base, model, out
 
 
@@ -98,7 +98,9 @@ def test_bad_calls(loaded, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=bad), calibrating(model, percentile=0):
         pass
     fp_only = clone_model(TinyNet())
-    load_packed(fp_only, make_pack(tmp_path, TinyNet(), name="fp", precision=W16A16))
+    load_packed(
+        fp_only, make_pack(tmp_path, TinyNet(), name="fp", precision=W16A16), backend="dense"
+    )
     none = "has no DuQuant layers with quantized activations"
     with pytest.raises(ConfigError, match=none), calibrating(fp_only):
         pass
@@ -126,7 +128,7 @@ def test_save_act_scales_round_trip(loaded) -> None:
     ]
 
     fresh = clone_model(base)
-    load_packed(fresh, out)
+    load_packed(fresh, out, backend="dense")
     assert fresh.proj.act_mode == "static" and fresh.proj.calibrated
     with torch.no_grad():
         assert torch.equal(fresh(x), want)
@@ -138,7 +140,7 @@ def test_save_act_scales_round_trip(loaded) -> None:
     names = sorted(p.name for p in out.iterdir())
     assert names == ["manifest.json", "tensors-00001.safetensors", "tensors-00003.safetensors"]
     again = clone_model(base)
-    load_packed(again, out)
+    load_packed(again, out, backend="dense")
     assert torch.equal(again.proj.act_scale, fresh.proj.act_scale)
     assert Pack.open(out).layers["proj"].quant["act_percentile"] == 90.0
 

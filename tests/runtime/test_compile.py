@@ -47,7 +47,7 @@ def test_compile_fullgraph_matches_eager(tmp_path: Path) -> None:
     model.load_state_dict(base.state_dict())
     for key, cfg in CONFIGS.items():
         net = base.nets[key]
-        load_packed(model.nets[key], make_pack(tmp_path, net, name=key, **cfg))
+        load_packed(model.nets[key], make_pack(tmp_path, net, name=key, **cfg), backend="dense")
     x = torch.randn(2, 9, 40, generator=torch.Generator().manual_seed(3))
     with calibrating(model.nets["w4a8_static"]), torch.no_grad():
         model.nets["w4a8_static"](x)

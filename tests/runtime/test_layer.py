@@ -60,7 +60,7 @@ def test_w16a16_reproduces_linear(tmp_path: Path, case) -> None:
         block_out=block_out,
     )  # fmt: skip
     model = clone_model(base, dims=dims)
-    report = load_packed(model, out)
+    report = load_packed(model, out, backend="dense")
     assert sorted(report.replaced) == sorted(LINEARS)
     pack = Pack.open(out)
     for name in LINEARS:
@@ -91,7 +91,7 @@ def test_activation_aware_w16a16_reproduces_linear(tmp_path: Path, row_rot: RowR
         calibrated=True, rotation=Rotation.GREEDY,
     )  # fmt: skip
     model = clone_model(base)
-    load_packed(model, out, verify_source=True)
+    load_packed(model, out, verify_source=True, backend="dense")
     assert all(model.get_submodule(n).in1 is not None for n in LINEARS)
     x = _x(40)
     with torch.no_grad():
@@ -114,7 +114,7 @@ def test_quantized_layer_matches_pack_equation(tmp_path: Path, cfg: dict) -> Non
     base = TinyNet()
     out = make_pack(tmp_path, base, **cfg)
     model = clone_model(base)
-    load_packed(model, out)
+    load_packed(model, out, backend="dense")
     pack = Pack.open(out)
     for name in LINEARS:
         dq = model.get_submodule(name)
@@ -137,7 +137,7 @@ def test_dense_weight_is_bit_identical_to_codes_times_scales(tmp_path: Path, dty
     base = TinyNet()
     out = make_pack(tmp_path, base, **cfg)
     model = clone_model(base)
-    load_packed(model, out, dtype=dtype)
+    load_packed(model, out, dtype=dtype, backend="dense")
     pack = Pack.open(out)
     for name in LINEARS:
         t, entry = pack.load(name), pack.layers[name]
@@ -161,7 +161,7 @@ def test_to_dtype_casts_buffers_and_keeps_perm_int64(tmp_path: Path, cast, dtype
     base = TinyNet()
     out = make_pack(tmp_path, base)
     model = clone_model(base)
-    load_packed(model, out)
+    load_packed(model, out, backend="dense")
     dq = model.blocks[0]["up"]
     w32 = dq.weight.clone()
     x = _x(40)
@@ -184,7 +184,7 @@ def test_all_zero_token_gives_no_nan(tmp_path: Path, dtype, act: str) -> None:
     base = TinyNet()
     scheme = Scheme.ASYM if act == "asym" else Scheme.SYM
     model = clone_model(base)
-    load_packed(model, make_pack(tmp_path, base, act_scheme=scheme))
+    load_packed(model, make_pack(tmp_path, base, act_scheme=scheme), backend="dense")
     if act == "static":  # calibrated in float32 on silence: every scale at the floor
         with calibrating(model), torch.no_grad():
             model(torch.zeros(4, 40))
@@ -218,7 +218,7 @@ def test_forward_ops_one_gather_one_bmm_per_transform(tmp_path: Path, dims) -> N
     base = TinyNet(dims=dims)
     out = make_pack(tmp_path, base)  # w4a8 dynamic, perm + in2 + out (restore)
     model = clone_model(base, dims=dims)
-    load_packed(model, out)
+    load_packed(model, out, backend="dense")
     layer = model.blocks[0]["up"]
     x = torch.randn(16, dims[0])
     with torch.no_grad():
@@ -236,7 +236,7 @@ def test_autograd_and_autocast(tmp_path: Path) -> None:
     base = TinyNet()
     out = make_pack(tmp_path, base, precision=W16A16)
     model = clone_model(base)
-    load_packed(model, out)
+    load_packed(model, out, backend="dense")
     x = _x(40).requires_grad_(True)
     model(x).square().sum().backward()
     x2 = x.detach().clone().requires_grad_(True)
@@ -250,7 +250,7 @@ def test_autograd_and_autocast(tmp_path: Path) -> None:
 def test_empty_batch(tmp_path: Path) -> None:
     base = TinyNet()
     model = clone_model(base)
-    load_packed(model, make_pack(tmp_path, base))
+    load_packed(model, make_pack(tmp_path, base), backend="dense")
     with torch.no_grad():
         assert model(torch.randn(0, 7, 40)).shape == (0, 7, 24)
 

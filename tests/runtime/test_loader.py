@@ -50,7 +50,7 @@ def packed(tmp_path: Path) -> tuple[TinyNet, Path]:
 def test_load_replaces_every_packed_linear(packed) -> None:
     base, out = packed
     model = clone_model(base)
-    report = load_packed(model, out, verify_source=True)
+    report = load_packed(model, out, verify_source=True, backend="dense")
     assert isinstance(report, LoadReport)
     assert sorted(report.replaced) == sorted(LINEARS) and report.skipped == []
     for name in LINEARS:
@@ -68,7 +68,7 @@ def test_old_weights_are_released(packed) -> None:
     model = clone_model(base)
     refs = [weakref.ref(model.get_submodule(n).weight) for n in LINEARS]
     mods = [weakref.ref(model.get_submodule(n)) for n in LINEARS]
-    load_packed(model, out)
+    load_packed(model, out, backend="dense")
     gc.collect()
     assert [r() for r in refs] == [None] * 3
     assert [r() for r in mods] == [None] * 3
@@ -82,7 +82,7 @@ def test_bytes_after_close_to_before_for_a_large_layer(tmp_path: Path) -> None:
     out = make_pack(tmp_path, base)
     model = nn.Sequential(nn.Linear(512, 512))
     model.load_state_dict(base.state_dict())
-    report = load_packed(model, out)
+    report = load_packed(model, out, backend="dense")
     assert report.bytes_before == 4 * (512 * 512 + 512)
     overhead = 8 * 512 + 2 * 4 * 512 * 16  # perm, in2 and out
     assert report.bytes_after == report.bytes_before + overhead
@@ -108,7 +108,7 @@ def test_prefix_maps_pack_names_onto_module_names(tmp_path: Path, prefix) -> Non
     out = make_pack(tmp_path, base, precision=W16A16)
     model = Wrapped()
     model.model.load_state_dict(base.state_dict())
-    report = load_packed(model, out, prefix=prefix)
+    report = load_packed(model, out, prefix=prefix, backend="dense")
     assert sorted(report.replaced) == sorted(f"model.{n}" for n in LINEARS)
     assert model.model.proj.name == "proj"  # the layer keeps its pack name
     x = torch.randn(5, 40)
@@ -121,7 +121,7 @@ def test_tuple_prefix_replaces_a_leading_part(tmp_path: Path) -> None:
     out = make_pack(tmp_path, base, precision=W16A16)  # pack names start with "model."
     model = nn.Module()
     model.net = clone_model(base.model)
-    report = load_packed(model, out, prefix=("model.", "net."))
+    report = load_packed(model, out, prefix=("model.", "net."), backend="dense")
     assert sorted(report.replaced) == sorted(f"net.{n}" for n in LINEARS)
     assert module_name("model.proj", ("model.", "net.")) == "net.proj"
     assert module_name("other.proj", ("model.", "net.")) == "other.proj"
@@ -131,7 +131,7 @@ def test_tuple_prefix_replaces_a_leading_part(tmp_path: Path) -> None:
 def test_state_dict_round_trip_into_a_fresh_model(tmp_path: Path, packed) -> None:
     base, out = packed
     model = clone_model(base)
-    load_packed(model, out)
+    load_packed(model, out, backend="dense")
     x = torch.randn(4, 6, 40)
     with calibrating(model), torch.no_grad():  # static scales live in the state dict too
         model(x)
@@ -142,7 +142,7 @@ def test_state_dict_round_trip_into_a_fresh_model(tmp_path: Path, packed) -> Non
     torch.save(state, tmp_path / "state.pt")
 
     fresh = TinyNet(seed=1)  # other weights: everything must come from the state dict
-    load_packed(fresh, out)
+    load_packed(fresh, out, backend="dense")
     assert fresh.proj.act_mode == "dynamic"
     fresh.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
     assert fresh.proj.act_mode == "static" and fresh.proj.calibrated
@@ -156,7 +156,7 @@ def test_state_dict_round_trip_into_a_fresh_model(tmp_path: Path, packed) -> Non
 def _refused(model: nn.Module, exc_type, pattern: str, *args, **kw) -> str:
     snap = snapshot(model)
     with pytest.raises(exc_type) as info:
-        load_packed(model, *args, **kw)
+        load_packed(model, *args, **({"backend": "dense"} | kw))
     assert_untouched(model, snap)
     msg = str(info.value)
     assert "\n" not in msg
@@ -183,7 +183,7 @@ def test_missing_layer_strict_and_not(tmp_path: Path) -> None:
     del model.blocks[0]["up"]
     msg = _refused(model, MismatchError, r"blocks\.0\.up: no such module in the model", out)
     assert msg.count("problem(s)") == 1 and "1 problem" in msg
-    report = load_packed(model, out, strict=False)
+    report = load_packed(model, out, strict=False, backend="dense")
     assert report.skipped == [("blocks.0.up", "blocks.0.up: no such module in the model")]
     assert sorted(report.replaced) == ["blocks.0.down", "proj"]
 
@@ -209,21 +209,21 @@ def test_stale_pack_with_verify_source(packed) -> None:
         verify_source=True,
     )  # fmt: skip
     assert "blocks.0.up" in msg and "proj" in msg and "down" not in msg
-    load_packed(model, out)  # without the check it loads (the user asked for it)
+    load_packed(model, out, backend="dense")  # without the check it loads (the user asked for it)
 
 
 def test_verify_source_accepts_a_cast_model(packed) -> None:
     """The hash is taken in the source's dtype, so an upcast copy of the weights passes."""
     base, out = packed
     model = clone_model(base).double()
-    load_packed(model, out, verify_source=True)
+    load_packed(model, out, verify_source=True, backend="dense")
     assert model.proj.weight.dtype == torch.float64
 
 
 def test_loading_twice_is_refused(packed) -> None:
     base, out = packed
     model = clone_model(base)
-    load_packed(model, out)
+    load_packed(model, out, backend="dense")
     _refused(model, MismatchError, r"already a DuQuant layer \(load_packed ran twice\?\)", out)
 
 
@@ -250,7 +250,7 @@ def test_propagate_bias_mismatch(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("kw", "pattern"),
     [
-        ({"backend": "int4"}, r"unknown backend 'int4': choose one of auto, dense"),
+        ({"backend": "int2"}, r"unknown backend 'int2': choose one of auto, dense, int8, int4"),
         ({"dtype": torch.int8}, r"dtype must be a floating torch dtype"),
         ({"device": "nowhere"}, r"invalid or unavailable device .nowhere."),
         ({"device": "cuda:7"}, r"invalid or unavailable device .cuda:7."),
@@ -267,7 +267,7 @@ def test_layer_precision_override(tmp_path: Path) -> None:
     base = TinyNet()
     out = make_pack(tmp_path, base, layer_bits=parse_layer_bits(["proj=w8a16"]))
     model = clone_model(base)
-    load_packed(model, out)
+    load_packed(model, out, backend="dense")
     assert (model.proj.w_bits, model.proj.a_bits, model.proj.act_mode) == (8, 16, "none")
     assert model.blocks[0]["up"].act_mode == "dynamic"
     assert Precision(8, 16).quantize_weight

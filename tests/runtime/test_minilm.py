@@ -74,7 +74,7 @@ def test_w16a16_reproduces_the_model(tmp_path: Path, hf, rotation, row_rot) -> N
         folder, tmp_path / "p", precision=Precision(16, 16), rotation=rotation, row_rot=row_rot
     )
     base, model = make(), make()
-    report = load_packed(model, out, verify_source=True)
+    report = load_packed(model, out, verify_source=True, backend="dense")
     assert len(report.replaced) == N_LINEAR and report.skipped == []
     assert sum(isinstance(m, DuQuantLinear) for m in model.modules()) == N_LINEAR
     assert rel_err(_run(model, batch), _run(base, batch)) < 1e-5
@@ -98,7 +98,7 @@ def test_w16a16_propagate_returns_the_rotated_output(tmp_path: Path, hf, rotatio
     _run(base, batch)
     for h in hooks:
         h.remove()
-    load_packed(model, out)
+    load_packed(model, out, backend="dense")
     p = Pack.open(out)
     assert len(inputs) == N_LINEAR
     for name, x in inputs.items():
@@ -114,7 +114,7 @@ def test_w4a8_load_status_calibrate_and_save(tmp_path: Path, hf) -> None:
     folder, make, batch = hf
     out = _pack(folder, tmp_path / "p")  # w4a8, hadamard, restore
     base, model = make(), make()
-    report = load_packed(model, out, verify_source=True)
+    report = load_packed(model, out, verify_source=True, backend="dense")
     assert report.bytes_after <= 1.15 * report.bytes_before
     rows = status(model)
     assert len(rows) == N_LINEAR
@@ -129,6 +129,6 @@ def test_w4a8_load_status_calibrate_and_save(tmp_path: Path, hf) -> None:
     assert rel_err(static, fp) < 0.5 and F.cosine_similarity(static, fp, dim=0) > 0.9
     assert len(save_act_scales(model, out)) == N_LINEAR
     again = make()
-    load_packed(again, out)
+    load_packed(again, out, backend="dense")
     assert all(r["activations"] == "static (calibrated, p99.9)" for r in status(again))
     assert torch.equal(_run(again, batch), static)

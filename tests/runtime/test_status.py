@@ -28,8 +28,8 @@ def test_rows_after_load(tmp_path: Path) -> None:
         "pack_name": "proj",
         "shape": [24, 40],
         "precision": "w4a8",
-        "backend": "dense",
-        "backend_reason": "auto: dense, the only backend so far (cpu/bfloat16)",
+        "backend": "int8",
+        "backend_reason": "auto: int8 kernel fits w4a8 on cpu",
         "device": "cpu",
         "dtype": "bfloat16",
         "prequantized": True,
@@ -64,7 +64,11 @@ def test_rows_follow_calibration_and_moves(tmp_path: Path) -> None:
 def test_fp_and_propagate_rows_say_so(tmp_path: Path) -> None:
     base = TinyNet()
     model = clone_model(base)
-    load_packed(model, make_pack(tmp_path, base, precision=W16A16, row_rot=RowRot.PROPAGATE))
+    load_packed(
+        model,
+        make_pack(tmp_path, base, precision=W16A16, row_rot=RowRot.PROPAGATE),
+        backend="dense",
+    )
     r = _rows(model)["proj"]
     assert r["prequantized"] is False and r["activations"] == "none"
     assert r["row_rot"] == "propagate" and r["output_rotated"] is True
