@@ -22,12 +22,25 @@ Progress = Callable[[int], None]  # called with the number of batches done
 
 
 class _Sample:
-    """The kept rows [k, in] with their keys [k]; replaced (never mutated) as batches come."""
+    """The kept rows with their keys, as chunks; replaced (never mutated) as batches come.
+
+    Chunks are only joined when the sample overflows `max_rows`, so filling it costs one copy.
+    """
 
     __slots__ = ("keys", "rows")
 
-    def __init__(self, rows: torch.Tensor, keys: torch.Tensor) -> None:
+    def __init__(self, rows: tuple[torch.Tensor, ...], keys: tuple[torch.Tensor, ...]) -> None:
         self.rows, self.keys = rows, keys
+
+    @property
+    def count(self) -> int:
+        return sum(k.shape[0] for k in self.keys)
+
+    def joined(self) -> torch.Tensor:
+        dtype = self.rows[0].dtype
+        for r in self.rows:
+            dtype = torch.promote_types(dtype, r.dtype)
+        return torch.cat([r.to(dtype) for r in self.rows])
 
 
 class _Recorder:
@@ -74,21 +87,25 @@ class _Recorder:
         if flat.shape[0] > self.max_rows:
             keep = keys.topk(self.max_rows, largest=False).indices
             flat, keys = flat[keep.to(flat.device)], keys[keep]
-        rows = flat.float().cpu().to(dtype)
-        if old is not None:
-            rows = torch.cat([old.rows.to(torch.promote_types(old.rows.dtype, dtype)), rows])
-            keys = torch.cat([old.keys, keys])
-            if keys.shape[0] > self.max_rows:
-                keep = keys.topk(self.max_rows, largest=False).indices.sort().values
-                rows, keys = rows[keep], keys[keep]
-        return _Sample(rows, keys)
+        new = _Sample((flat.float().cpu().to(dtype),), (keys,))
+        if old is None:
+            return new
+        merged = _Sample(old.rows + new.rows, old.keys + new.keys)
+        if merged.count <= self.max_rows:
+            return merged
+        rows, keys = merged.joined(), torch.cat(merged.keys)
+        keep = keys.topk(self.max_rows, largest=False).indices.sort().values
+        return _Sample((rows[keep],), (keys[keep],))
 
     def stats(self, meta: dict[str, Any]) -> Stats:
         layers = {}
+        joined: dict[int, torch.Tensor] = {}  # one tensor per shared sample
         for name, sample in self.samples.items():
             if sample is None or name not in self.amax:
                 continue
-            layers[name] = LayerStats(self.amax[name], sample.rows, self.tokens[name])
+            if id(sample) not in joined:
+                joined[id(sample)] = sample.joined()
+            layers[name] = LayerStats(self.amax[name], joined[id(sample)], self.tokens[name])
         return Stats(layers, meta)
 
 

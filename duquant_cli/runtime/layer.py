@@ -37,6 +37,14 @@ def _blocks_t(h: torch.Tensor, blocks_t: torch.Tensor, tail_t: torch.Tensor | No
     return y if tail_t is None else torch.cat([y, torch.mm(tail_t, h[head:])], dim=0)
 
 
+def _contiguous_as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t, contiguous and in `dtype`, in one copy (`Tensor.to` ignores `memory_format` when the
+    dtype already matches and would hand back the transposed view)."""
+    if t.dtype == dtype:
+        return t.contiguous()
+    return t.to(dtype, memory_format=torch.contiguous_format)
+
+
 def _block_problems(refs: dict, field: str, dim: int) -> list[str]:
     blocks, tail = refs.get(field), refs.get(field + "_tail")
     if blocks is None:
@@ -178,8 +186,12 @@ class DuQuantLinear(nn.Module):
             backend, reason = choose_backend(backend, device, dtype, entry)
         layer.backend, layer.kernel, layer.backend_reason = backend, KERNELS[backend], reason
 
+        # int8 runs the transforms and quantization in float32 (its matmul is in integers anyway,
+        # and float32 ops are the fast ones on CPU); dense and int4 in the compute dtype.
+        fdtype = torch.float32 if backend is Backend.INT8 else dtype
+
         def put(t: torch.Tensor) -> torch.Tensor:
-            return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+            return t.to(device=device, dtype=fdtype if t.is_floating_point() else t.dtype)
 
         if "perm" in tensors:
             layer.perm = tensors["perm"].to(device=device, dtype=torch.int64)
@@ -205,7 +217,7 @@ class DuQuantLinear(nn.Module):
         # Channels-major inside: one transpose in, one out. Block matmuls, the gather (a row
         # gather of whole tokens' channels) and the matmul then need no other layout copy.
         lead = x.shape[:-1]
-        h = x.reshape(-1, self.in_features).t().contiguous()
+        h = _contiguous_as(x.reshape(-1, self.in_features).t(), self.compute_dtype)
         if self.in1 is not None:
             h = _blocks_t(h, self.in1, self.in1_tail)
         if self.perm is not None:
@@ -228,7 +240,10 @@ class DuQuantLinear(nn.Module):
             y = _blocks_t(y, self.out, self.out_tail)
         if self.bias is not None:
             y = y.add_(self.bias.view(-1, 1))
-        return y.t().contiguous().view(*lead, self.out_features)
+        # int8 computes in float32 and returns the input's dtype; dense and int4 return their
+        # matmul's (the model's dtype, or autocast's).
+        out_dtype = x.dtype if self.backend is Backend.INT8 else y.dtype
+        return _contiguous_as(y.t(), out_dtype).view(*lead, self.out_features)
 
     def _quant_tokens(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h [in, T] -> (integer-valued codes centred on 0, per-token scale [1, T]).
@@ -255,8 +270,9 @@ class DuQuantLinear(nn.Module):
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        """The dtype activations are computed in: the floating buffers' (`model.to` casts them;
-        an integer backend's weight itself is not floating)."""
+        """The dtype the transforms and activation quantization run in: the floating buffers'
+        (`model.to` casts them). int8 holds float32 transforms whatever the model's dtype; the layer
+        returns its input's dtype."""
         return next(b.dtype for b in self.buffers(recurse=False) if b.is_floating_point())
 
     def check_static_ok(self) -> None:

@@ -45,10 +45,13 @@ def layer_bytes(
     `fields` maps the pack's tensor fields to their shapes. Mirrors from_pack and the kernels:
     dense dequantizes the weight once to [out, in] in `dtype`; int8 keeps int8 codes and float32
     per-channel scales; int4 keeps torch's packed layout (half a byte a weight) and a scale and
-    zero per kernel group in `dtype`. Transforms, bias and static scales are cast to `dtype`;
-    the permutation is int64; output blocks are dropped unless rows are restored.
+    zero per kernel group in `dtype`. Transforms, bias and static scales are in `dtype`, in
+    float32 for int8; the permutation is int64; output blocks are dropped
+    unless rows are restored.
     """
     size = DTYPE_BYTES[dtype]
+    # transforms, bias and static scales: float32 for int8 (see from_pack)
+    fsize = DTYPE_BYTES["float32"] if backend == "int8" else size
     if backend == "dense":
         n = out_features * in_features * size
     elif backend == "int8":
@@ -62,11 +65,11 @@ def layer_bytes(
     else:
         raise ValueError(f"unknown backend {backend!r}")
     blocks = _IN_BLOCKS + (_OUT_BLOCKS if row_rot == "restore" else ())
-    n += sum(prod(fields[f]) * size for f in blocks if f in fields)
+    n += sum(prod(fields[f]) * fsize for f in blocks if f in fields)
     if "perm" in fields:
         n += in_features * DTYPE_BYTES["int64"]
     if has_bias:
-        n += out_features * size
+        n += out_features * fsize
     if "act_scale" in fields and a_bits < 16:
-        n += in_features * size
+        n += in_features * fsize
     return n

@@ -128,18 +128,18 @@ def test_state_dict_round_trip(tmp_path: Path, backend: str, precision: Precisio
 
 
 def test_integer_memory(tmp_path: Path) -> None:
-    """Per layer: int4 holds at most 0.3x the bf16 weight, int8 at most 0.55x (pi0.5-like
-    widths, where the transforms are a few percent)."""
-    lin = torch.nn.Linear(1024, 1024)
+    """Per layer: int4 holds at most 0.3x the bf16 weight, int8 at most 0.55x (a pi0.5 attention
+    shape, 2048x2048; the transforms are a few percent)."""
+    lin = torch.nn.Linear(2048, 2048)
     net = torch.nn.Sequential()
     net.add_module("l", lin)
     sizes = {}
     for backend, precision in (("int4", W4A16), ("int8", W4A8)):
         pack = make_pack(tmp_path, net, name=backend, precision=precision)
         model = torch.nn.Sequential()
-        model.add_module("l", torch.nn.Linear(1024, 1024, dtype=torch.bfloat16))
+        model.add_module("l", torch.nn.Linear(2048, 2048, dtype=torch.bfloat16))
         load_packed(model, pack, backend=backend)
         layer = model.l
         assert isinstance(layer, DuQuantLinear) and layer.backend is Backend(backend)
-        sizes[backend] = status(model)[0]["bytes"] / (2 * 1024 * 1024)
+        sizes[backend] = status(model)[0]["bytes"] / (2 * 2048 * 2048)
     assert sizes["int4"] <= 0.3 and sizes["int8"] <= 0.55, sizes

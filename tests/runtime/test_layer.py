@@ -290,3 +290,18 @@ def test_from_pack_without_a_model(tmp_path: Path) -> None:
         pack.layers["proj"], pack.load("proj"), bias=None, backend=Backend.AUTO
     )
     assert auto.backend is Backend.DENSE and auto.backend_reason.startswith("auto: dense")
+
+
+@pytest.mark.parametrize("backend", ["dense", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_output_is_contiguous_and_views_like_nn_linear(tmp_path: Path, backend, dtype) -> None:
+    """Models `.view()` a linear layer's output (attention heads): it must be contiguous, with
+    the layer's dtype, whatever the backend's internal dtype."""
+    base = TinyNet()
+    model = clone_model(base).to(dtype)
+    load_packed(model, make_pack(tmp_path, base), backend=backend)
+    x = torch.randn(2, 5, 40, dtype=dtype)
+    with torch.no_grad():
+        y = model.blocks[0]["up"](x)
+    assert y.is_contiguous() and y.dtype == dtype and y.shape == (2, 5, 56)
+    assert y.view(2, 5, 7, 8).shape == (2, 5, 7, 8)
