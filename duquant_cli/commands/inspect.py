@@ -236,7 +236,7 @@ def _layer_row(d: dict[str, Any]) -> dict[str, Any]:
     entry = LayerEntry.from_json(d)
 
     def runtime(requested: str, dtype: str) -> int:
-        backend = choose(requested, "cpu", entry)[0]
+        backend = choose(requested, "cpu", entry, dtype)[0]
         return layer_bytes(
             out_f,
             in_f,

@@ -161,7 +161,7 @@ def choose_backend(
 ) -> tuple[Backend, str]:
     """(backend, reason) for one layer (see `support.choose`); the reason is shown by
     `status(model)`. A requested integer backend that cannot run the layer is logged."""
-    backend, why = choose(requested.value, device.type, entry)
+    backend, why = choose(requested.value, device.type, entry, str(dtype).removeprefix("torch."))
     if requested not in (Backend.AUTO, Backend(backend)):
         log.warning(
             "%s: %s backend not possible (%s); using dense",

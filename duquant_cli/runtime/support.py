@@ -54,9 +54,13 @@ def int4_problem(entry: LayerEntry, device: str) -> str | None:
     return None
 
 
-def choose(requested: str, device: str, entry: LayerEntry) -> tuple[str, str]:
-    """(backend, reason) for one layer: "dense", "int8" or "int4". A requested integer backend
-    that cannot run the layer gives dense, with the reason why."""
+HALF_DTYPES = ("bfloat16", "float16")  # where auto takes int4: its kernel is slow on float32
+
+
+def choose(requested: str, device: str, entry: LayerEntry, dtype: str) -> tuple[str, str]:
+    """(backend, reason) for one layer and compute `dtype` (a name such as "bfloat16"):
+    "dense", "int8" or "int4". A requested integer backend that cannot run the layer gives
+    dense, with the reason why."""
     if requested == "dense":
         return "dense", "requested"
     problems = {"int4": int4_problem(entry, device), "int8": int8_problem(entry, device)}
@@ -70,6 +74,8 @@ def choose(requested: str, device: str, entry: LayerEntry) -> tuple[str, str]:
                 f"{requested} requested, not possible: {why}",
             )
         )
+    if problems["int4"] is None and dtype not in HALF_DTYPES:
+        problems["int4"] = f"the int4 kernel is slower than dense on {dtype} activations"
     for be in ("int4", "int8"):
         if problems[be] is None:
             return be, f"auto: {be} kernel fits {entry.precision} on {device}"

@@ -75,10 +75,13 @@ def test_auto_picks_per_layer_and_says_why(tmp_path: Path) -> None:
         "w16a16": ({"precision": Precision(16, 16)}, "dense", "no integer weights"),
     }
     for name, (cfg, backend, why) in cases.items():
-        model = loaded(base, make_pack(tmp_path, base, name=name, **cfg), "auto")
+        model = loaded(base, make_pack(tmp_path, base, name=name, **cfg), "auto", torch.bfloat16)
         rows = status(model)
         assert {r["backend"] for r in rows} == {backend}, name
         assert all(why in r["backend_reason"] for r in rows), (name, rows[0]["backend_reason"])
+    # float32 activations: the int4 kernel is slower than dense there, so auto keeps dense
+    model = loaded(base, make_pack(tmp_path, base, name="f32", precision=W4A16), "auto")
+    assert all("slower than dense on float32" in r["backend_reason"] for r in status(model))
 
 
 def test_requested_backend_that_cannot_run_falls_back_logged(tmp_path: Path, caplog) -> None:
