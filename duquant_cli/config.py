@@ -88,6 +88,8 @@ class QuantConfig:
             with the token range scaled by `act_clip`.
         alpha: smoothing exponent s = amax^a / wmax^(1-a) (calibrated packs only).
         rot_steps: greedy rotation steps, the best prefix kept (calibrated packs only).
+        gptq: error-compensating weight rounding (GPTQ) against the calibration rows
+            (calibrated packs only).
         seed: seeds every random choice, so packs are reproducible.
     """
 
@@ -107,6 +109,7 @@ class QuantConfig:
     calibrated: bool = False
     alpha: float = 0.5
     rot_steps: int = 256
+    gptq: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -126,6 +129,8 @@ class QuantConfig:
             raise ConfigError(f"--rot-steps must be >= 0, got {self.rot_steps}")
         if self.rotation is Rotation.GREEDY and not self.calibrated:
             raise ConfigError("--rotation greedy needs activation statistics (--calib STATS)")
+        if self.gptq and not self.calibrated:
+            raise ConfigError("--gptq needs activation statistics (--calib STATS)")
         for pattern, _ in self.layer_bits:
             compile_regex(pattern, "--layer-bits")
 

@@ -6,7 +6,8 @@ from typing import Annotated
 
 import typer
 
-from duquant_cli.cli import apply, bench, demo, import_legacy, inspect, pack, presets
+from duquant_cli.cli import apply, bench, calibrate, demo, import_legacy, inspect, pack, presets
+from duquant_cli.cli import eval as eval_
 from duquant_cli.cli.common import debug
 
 app = typer.Typer(
@@ -27,6 +28,8 @@ def _main(
 
 
 app.command("pack")(pack.pack_cmd)
+app.command("calibrate")(calibrate.calibrate_cmd)
+app.command("eval")(eval_.eval_cmd)
 app.command("demo")(demo.demo_cmd)
 app.command("bench")(bench.bench_cmd)
 app.command("inspect")(inspect.inspect_cmd)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from duquant_cli.cli.common import clean_errors, out, print_json
@@ -49,12 +50,13 @@ def apply_cmd(
     if as_json:
         print_json(result.to_json())
         return
-    table = Table(title=f"{result.pack} vs {result.checkpoint} ({result.device}, {result.dtype})")
+    title = f"{result.pack} vs {result.checkpoint} ({result.device}, {result.dtype})"
+    table = Table(title=escape(title))
     for col in ("layer", "shape", "bits", "rel err", "SQNR dB", "bytes dq/fp", "µs dq/linear"):
         table.add_column(col, justify="left" if col in ("layer", "bits") else "right")
     for r in result.rows:
         table.add_row(
-            r.name + ("*" if r.compared != "output" else ""),
+            escape(r.name) + ("*" if r.compared != "output" else ""),
             f"{r.shape[0]}x{r.shape[1]}",
             r.precision,
             f"{r.rel_error:.2e}",

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TransferSpeedColumn
 from rich.table import Table
 
@@ -50,9 +51,30 @@ def pack_cmd(
     layer_bits: Annotated[
         list[str] | None, typer.Option(help="Per-layer precision REGEX=wXaY (repeatable).")
     ] = None,
+    calib: Annotated[
+        Path | None,
+        typer.Option(
+            "--calib",
+            help="Statistics from `duquant calibrate`: DuQuant's smoothing, greedy rotations and "
+            "zigzag, fitted to them (default rotation greedy, row rotation off).",
+        ),
+    ] = None,
+    alpha: Annotated[float, typer.Option(help="Smoothing exponent (with --calib).")] = 0.5,
+    rot_steps: Annotated[
+        int, typer.Option(help="Greedy rotation steps, best prefix kept (with --calib).")
+    ] = 256,
+    gptq: Annotated[
+        bool, typer.Option(help="Error-compensating weight rounding (with --calib).")
+    ] = True,
     seed: Annotated[int, typer.Option(help="Seed of every random choice.")] = 0,
     preset: PresetOption = None,
     force: Annotated[bool, typer.Option(help="Replace an existing pack.")] = False,
+    resume: Annotated[
+        bool, typer.Option(help="Continue an interrupted run from its last finished layer.")
+    ] = False,
+    skip_bad: Annotated[
+        bool, typer.Option(help="Leave out (and list) layers with NaN/Inf instead of failing.")
+    ] = False,
     dry_run: Annotated[bool, typer.Option(help="List layers and sizes; write nothing.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
 ) -> None:
@@ -60,6 +82,11 @@ def pack_cmd(
     from duquant_cli.commands.pack import pack
     from duquant_cli.formats.selection import Selection
 
+    if calib is not None:  # DuQuant's recipe, where the option was not given
+        rotation = rotation if _typed(ctx, "rotation") else Rotation.GREEDY
+        row_rot = row_rot if _typed(ctx, "row_rot") else RowRot.OFF
+    elif not _typed(ctx, "gptq"):
+        gptq = False
     cfg = QuantConfig(
         precision=Precision.parse(bits),
         layer_bits=parse_layer_bits(layer_bits or []),
@@ -74,21 +101,46 @@ def pack_cmd(
         clip_search=clip_search,
         act_scheme=act_scheme,
         act_clip=act_clip,
+        calibrated=calib is not None,
+        alpha=alpha,
+        rot_steps=rot_steps,
+        gptq=gptq,
         seed=seed,
     )
     sel = Selection(tuple(include or ()), tuple(exclude or ()), scope, default_exclude)
     cfg, sel = with_preset(ctx, preset, cfg, sel)
+    opts = {
+        "config": cfg,
+        "selection": sel,
+        "force": force,
+        "resume": resume,
+        "skip_bad": skip_bad,
+        "stats": calib,
+    }
     if dry_run or as_json:
-        summary = pack(checkpoint, out_dir, config=cfg, selection=sel, force=force, dry_run=dry_run)
+        summary = pack(checkpoint, out_dir, dry_run=dry_run, **opts)
     else:
         with _LazyProgress() as tick:
-            summary = pack(
-                checkpoint, out_dir, config=cfg, selection=sel, force=force, progress=tick
-            )
+            try:
+                summary = pack(checkpoint, out_dir, progress=tick, **opts)
+            except KeyboardInterrupt:
+                tick.stop()
+                err.print(
+                    "[red]interrupted[/red]: nothing was published; the same command with "
+                    "--resume continues from the finished layers",
+                    soft_wrap=True,
+                )
+                raise typer.Exit(130) from None
     if as_json:
         print_json(summary.to_json())
         return
     _print_summary(summary)
+
+
+def _typed(ctx: typer.Context, option: str) -> bool:
+    """Whether `option` was given on the command line (not left at its default)."""
+    source = getattr(ctx.get_parameter_source(option), "name", None)
+    return source not in (None, "DEFAULT", "DEFAULT_MAP")
 
 
 class _LazyProgress:
@@ -110,28 +162,34 @@ class _LazyProgress:
             )
             self.bar.start()
             self.task = self.bar.add_task("packing", total=None)
-        self.bar.update(self.task, advance=nbytes, description=name)
+        self.bar.update(self.task, advance=nbytes, description=escape(name))
+
+    def stop(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
 
     def __enter__(self) -> _LazyProgress:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.stop()
+        self.stop()
 
 
 def _print_summary(summary) -> None:
     if summary.dry_run:
-        table = Table(title=f"dry run: would write {summary.out}")
+        table = Table(title=f"dry run: would write {escape(str(summary.out))}")
         for col in ("layer", "shape", "precision", "est. bytes"):
             table.add_column(col)
         for r in summary.layers:
-            table.add_row(r.name, f"{r.shape[0]}x{r.shape[1]}", r.precision, mb(r.bytes))
+            table.add_row(escape(r.name), f"{r.shape[0]}x{r.shape[1]}", r.precision, mb(r.bytes))
         out.print(table)
     for key, reason in summary.skipped:
-        err.print(f"skipped {key}: {reason}", highlight=False)
+        err.print(f"skipped {escape(key)}: {escape(reason)}", highlight=False)
     table = Table(title="pack" if not summary.dry_run else "estimate", show_header=False)
-    table.add_row("pack", str(summary.out))
+    table.add_row("pack", escape(str(summary.out)))
+    if summary.resumed:
+        table.add_row("resumed", f"{summary.resumed} finished layers from the interrupted run")
     table.add_row("layers", str(len(summary.layers)))
     table.add_row("parameters", f"{summary.params:,}")
     if not summary.dry_run:

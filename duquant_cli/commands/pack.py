@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -11,14 +12,19 @@ from pathlib import Path
 import torch
 
 import duquant_cli
+from duquant_cli.commands.input_groups import InputGroups
 from duquant_cli.config import Precision, QuantConfig, Rotation, RowRot
-from duquant_cli.errors import ConfigError
-from duquant_cli.formats.checkpoint import checkpoint_name, open_checkpoint, tensor_sha256
+from duquant_cli.errors import CheckpointError, ConfigError
+from duquant_cli.formats.checkpoint import (
+    Checkpoint,
+    checkpoint_name,
+    open_checkpoint,
+    tensor_sha256,
+)
 from duquant_cli.formats.pack import PackWriter
 from duquant_cli.formats.selection import PlannedLayer, Selection, select_layers
 from duquant_cli.formats.stats import Stats
 from duquant_cli.math.bitpack import packed_cols
-from duquant_cli.math.calibrated import build_calibrated_layer
 from duquant_cli.math.layer_pack import build_layer
 
 Progress = Callable[[str, int], None]  # (layer name, weight bytes just processed)
@@ -44,6 +50,7 @@ class PackSummary:
     layers: list[LayerResult]
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    resumed: int = 0  # layers taken over from an interrupted run (--resume)
 
     @property
     def params(self) -> int:
@@ -68,6 +75,7 @@ class PackSummary:
             "dry_run": self.dry_run,
             "layers": [r.__dict__ | {"shape": list(r.shape)} for r in self.layers],
             "skipped": [{"key": k, "reason": r} for k, r in self.skipped],
+            "resumed": self.resumed,
             "params": self.params,
             "pack_bytes": self.pack_bytes,
             "fp16_bytes": self.fp16_bytes,
@@ -102,11 +110,19 @@ def estimate_bytes(layer: PlannedLayer, cfg: QuantConfig) -> int:
     return n
 
 
+# What a pack built from statistics changes in the defaults: DuQuant's greedy rotations (zigzag
+# and smoothing folded in), no output rotation, error-compensated rounding (see docs/quality.md).
+CALIBRATED_DEFAULTS = {
+    "calibrated": True,
+    "rotation": Rotation.GREEDY,
+    "row_rot": RowRot.OFF,
+    "gptq": True,
+}
+
+
 def calibrated_config(**changes) -> QuantConfig:
-    """The default config of a pack built from statistics: DuQuant's recipe (greedy rotation,
-    zigzag, smoothing folded in), with `changes` applied."""
-    base = {"calibrated": True, "rotation": Rotation.GREEDY, "row_rot": RowRot.OFF}
-    return QuantConfig(**(base | changes))
+    """The default config of a pack built from statistics, with `changes` applied."""
+    return QuantConfig(**(CALIBRATED_DEFAULTS | changes))
 
 
 def default_out(checkpoint: Path, cfg: QuantConfig) -> Path:
@@ -114,12 +130,17 @@ def default_out(checkpoint: Path, cfg: QuantConfig) -> Path:
 
 
 def layer_meta(
-    cfg: QuantConfig, precision: Precision, alpha: float | None = None
+    cfg: QuantConfig,
+    precision: Precision,
+    alpha: float | None = None,
+    input_group: str | None = None,
 ) -> tuple[dict, dict]:
     """The manifest's per-layer `transform` and `quant` records.
 
-    A calibrated layer adds `smoothed: true` (its in1 is diag(1/s) @ R1, not orthogonal),
-    the smoothing `alpha` it was built with, and `rot_steps`.
+    A calibrated layer adds to `transform`: `smoothed: true` (its in1 is diag(1/s) @ R1, not
+    orthogonal), the smoothing `alpha` it was built with, `rot_steps`, and `input_group`: the
+    first layer of the layers fed the same input, which share one transform (identical in1,
+    perm, in2); to `quant`: `gptq`, whether the weight was rounded with error compensation.
     """
     transform = {
         "block": cfg.block,
@@ -134,6 +155,7 @@ def layer_meta(
             "smoothed": True,
             "alpha": cfg.alpha if alpha is None else alpha,
             "rot_steps": cfg.rot_steps,
+            "input_group": input_group,
         }
     quant = {
         "w_bits": precision.w_bits,
@@ -145,6 +167,8 @@ def layer_meta(
         "act_clip": cfg.act_clip,
         "act_mode": "dynamic" if precision.quantize_act else "none",
     }
+    if cfg.calibrated:
+        quant["gptq"] = cfg.gptq and precision.quantize_weight
     return transform, quant
 
 
@@ -158,6 +182,8 @@ def pack(
     dry_run: bool = False,
     progress: Progress | None = None,
     stats: Stats | str | Path | None = None,
+    resume: bool = False,
+    skip_bad: bool = False,
 ) -> PackSummary:
     """Pack a checkpoint's linear layers.
 
@@ -172,6 +198,11 @@ def pack(
         stats: calibration statistics (a `Stats` or its file, see `collect_stats`): builds
             DuQuant's smoothing, greedy rotations and zigzag from them; needs a config with
             `calibrated=True` (the default config when stats are given: `calibrated_config()`).
+        resume: continue the interrupted run that left `.<out>.partial` beside `out` (same
+            checkpoint and options), from its last finished layer; the pack is byte-identical to
+            an uninterrupted run's. Without it, such a folder is an error (`force` discards it).
+        skip_bad: leave out layers whose weight or bias holds NaN or Inf (recorded in the
+            manifest's `skipped` and the summary) instead of refusing the checkpoint.
 
     Returns:
         A PackSummary.
@@ -185,6 +216,7 @@ def pack(
     if stats is not None and not cfg.calibrated:
         raise ConfigError("statistics were given but the config is not calibrated")
     where = str(stats) if isinstance(stats, (str, Path)) else "the statistics"
+    stats_file = Path(stats) if isinstance(stats, (str, Path)) else None
     if isinstance(stats, (str, Path)):
         stats = Stats.load(stats)
     sel = selection or Selection()
@@ -207,20 +239,64 @@ def pack(
         ]
         if dry_run:
             return PackSummary(out_dir, True, results, plan.skipped)
+        header = {
+            "tool": {"name": "duquant", "version": duquant_cli.__version__},
+            "torch_version": torch.__version__,
+            "created": None,  # set at commit; never in the tensor files nor the resume check
+            "config": cfg.to_json(),
+            "selection": sel.__dict__
+            | {"include": list(sel.include)}
+            | {"exclude": list(sel.exclude)},
+            "source": ckpt.identity(),
+        }
+        if stats is not None:
+            header["calibration"] = {"stats": where} | {
+                k: v for k, v in stats.meta.items() if k != "format_version"
+            }
+        job = {k: v for k, v in header.items() if k != "created"} | {
+            "layers": [pl.name for pl in plan.layers],
+            "skip_bad": skip_bad,
+            "files": _file_stats(ckpt, stats_file),
+        }
+        skipped = list(plan.skipped)
+        groups = None if stats is None else InputGroups(ckpt, plan.layers, stats, cfg)
+        bad: set[str] = set()
         start = time.perf_counter()
-        with PackWriter(out_dir, force=force) as writer:
-            for pl, res in zip(plan.layers, results, strict=True):
+        with PackWriter(out_dir, force=force, resume=resume, job=job) as writer:
+            for i, (pl, res) in enumerate(zip(plan.layers, results, strict=True)):
+                if i < len(writer.resumed):  # finished before the interrupt
+                    done = writer.resumed[i]
+                    if isinstance(done, str):
+                        skipped.append((pl.weight_key, done))
+                        bad.add(pl.name)
+                    else:
+                        res.bytes = done.nbytes
+                        res.weight_rel_error = done.info.get("weight_rel_error")
+                    continue
                 t0 = time.perf_counter()
                 weight = ckpt.tensor(pl.weight_key)
                 bias = ckpt.tensor(pl.bias_key) if pl.bias_key else None
-                if stats is None:
+                problem = _non_finite(pl.weight_key, weight)
+                problem = problem or (_non_finite(pl.bias_key, bias) if bias is not None else None)
+                if problem is not None:
+                    key, why = problem
+                    if not skip_bad:
+                        raise CheckpointError(
+                            f"{key}: {why} in layer {pl.name}; fix the checkpoint, or pass "
+                            "--skip-bad to pack the other layers"
+                        )
+                    writer.skip(pl.name, f"{why} in {key}")
+                    skipped.append((pl.weight_key, f"{why} in {key}"))
+                    bad.add(pl.name)
+                    continue
+                if groups is None:
                     lp = build_layer(pl.name, weight, bias, cfg, pl.precision)
+                    transform, quant = layer_meta(cfg, pl.precision)
                 else:
-                    st = stats[pl.name]
-                    lp = build_calibrated_layer(
-                        pl.name, weight, bias, cfg, pl.precision, st.amax, st.rows
+                    lp = groups.layer(pl)
+                    transform, quant = layer_meta(
+                        cfg, pl.precision, lp.info.get("alpha"), groups.leader(pl.name)
                     )
-                transform, quant = layer_meta(cfg, pl.precision, lp.info.get("alpha"))
                 source = {
                     "key": pl.weight_key,
                     "dtype": str(weight.dtype).removeprefix("torch."),
@@ -243,19 +319,38 @@ def pack(
                 if progress:
                     progress(pl.name, res.source_bytes)
                 del weight, bias, lp
-            header = {
-                "tool": {"name": "duquant", "version": duquant_cli.__version__},
-                "torch_version": torch.__version__,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "config": cfg.to_json(),
-                "selection": sel.__dict__
-                | {"include": list(sel.include)}
-                | {"exclude": list(sel.exclude)},
-                "source": ckpt.identity(),
-            }
-            if stats is not None:
-                header["calibration"] = {"stats": where} | {
-                    k: v for k, v in stats.meta.items() if k != "format_version"
-                }
+            if len(bad) == len(plan.layers):
+                raise CheckpointError(
+                    f"{checkpoint}: every selected layer holds NaN or Inf values; nothing to pack"
+                )
+            header["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            if skipped:
+                header["skipped"] = [{"key": k, "reason": r} for k, r in skipped]
             writer.commit(header)
-        return PackSummary(out_dir, False, results, plan.skipped, time.perf_counter() - start)
+        packed = [r for r in results if r.name not in bad]
+        seconds = time.perf_counter() - start
+        return PackSummary(out_dir, False, packed, skipped, seconds, len(writer.resumed))
+
+
+def _non_finite(key: str, t: torch.Tensor) -> tuple[str, str] | None:
+    """(key, "N NaN and M Inf value(s)") when the tensor is not all finite.
+
+    A NaN or Inf anywhere makes the sum non-finite, and a float32 sum is several times faster
+    than `isfinite` on half-precision weights; only a non-finite sum (or an overflow) is looked
+    at element by element.
+    """
+    if math.isfinite(float(t.sum(dtype=torch.float32))):
+        return None
+    finite = torch.isfinite(t)
+    if bool(finite.all()):
+        return None
+    nan = int(torch.isnan(t).sum())
+    inf = int(finite.numel() - finite.sum()) - nan
+    parts = [f"{nan} NaN"] * bool(nan) + [f"{inf} Inf"] * bool(inf)
+    return key, " and ".join(parts) + " value(s)"
+
+
+def _file_stats(ckpt: Checkpoint, stats_file: Path | None) -> list[list]:
+    """Name, size and modification time of each input file: a resumed run must read the same."""
+    paths = [*ckpt.files, *([stats_file] if stats_file else [])]
+    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]

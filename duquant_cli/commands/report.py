@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich import box
 from rich.table import Table
+from rich.text import Text
 
 if TYPE_CHECKING:
     from torch import nn
@@ -122,7 +123,8 @@ def rows_table(rows: Iterable[Row], columns: Sequence[str], *, title: str | None
     rows = list(rows)
     cols = [COLUMNS[c] for c in columns]
     cells = [[col.cell(row) or MISSING for col in cols] for row in rows]
-    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
+    # Cells and titles are data (layer names come from checkpoints): plain Text, never markup.
+    table = Table(title=_plain(title), box=box.SIMPLE_HEAD, pad_edge=False)
     for i, (key, col) in enumerate(zip(columns, cols, strict=True)):
         # On a narrow terminal the other columns give way: a layer's name is what identifies it.
         keep = max((len(c[i]) for c in cells), default=0) if key == "name" else None
@@ -133,17 +135,21 @@ def rows_table(rows: Iterable[Row], columns: Sequence[str], *, title: str | None
             min_width=min(keep, 48) if keep else None,
         )
     for c in cells:
-        table.add_row(*c)
+        table.add_row(*map(Text, c))
     return table
+
+
+def _plain(title: str | None) -> Text | None:
+    return None if title is None else Text(title)
 
 
 def pairs_table(pairs: Iterable[tuple[str, str]], *, title: str | None = None) -> Table:
     """A two-column key/value table without a header: pack headers and totals."""
-    table = Table(title=title, show_header=False)
+    table = Table(title=_plain(title), show_header=False)
     table.add_column(style="bold")
     table.add_column()
     for key, value in pairs:
-        table.add_row(key, value)
+        table.add_row(Text(key), Text(value))
     return table
 
 

@@ -55,55 +55,62 @@ def candidate_rows(x: torch.Tensor, max_rows: int | None = None) -> torch.Tensor
     return x[keep]
 
 
-def step_matrix(d: int, order: torch.Tensor, signs: torch.Tensor, r0: torch.Tensor) -> torch.Tensor:
-    """G = E_d . diag(1, S) . R0 . E_d as one [B, B] matrix, S given as a column order and signs.
-
-    x @ G = ((x E_d)[:, order] * signs) @ (R0 E_d); gathering x's columns by `idx` equals
-    multiplying by the matrix whose row idx[j] is row j, so the step is a single matmul.
-    """
+def step_bases(steps: int, r0: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A_k = diag(1, S_k) . R0 for every step [steps, B, B], S_k a random signed permutation of
+    channels 1..B-1: gathering x's columns by `order` and signing them equals x @ Q with
+    Q[order[j], j] = sign[j], so row order[j] of A_k is sign[j] * R0[j]."""
     b = r0.shape[0]
-    swap = torch.arange(b)
-    swap[0], swap[d] = d, 0
-    g = torch.empty_like(r0)
-    g[swap[order]] = signs[:, None] * r0[:, swap]
-    return g
-
-
-def greedy_rotation(
-    rows: torch.Tensor, steps: int, gen: torch.Generator, max_rows: int = 2048
-) -> GreedyRotation:
-    """Greedy rotation for activation rows [N, B]: up to `steps` steps, the best prefix kept.
-
-    The best prefix is the one with the smallest max |x| (the empty prefix, identity, included),
-    so the result never makes the calibration maximum worse.
-    """
-    x = rows.double()
-    b = x.shape[1]
-    eye = torch.eye(b, dtype=torch.float64)
-    before = float(x.abs().amax()) if x.numel() else 0.0
-    if b < 2 or steps < 1 or before == 0.0:
-        return GreedyRotation(eye, before, before, 0)
-    r0 = uniform_first_row(b)
-    orders = torch.cat(
+    order = torch.cat(
         [
             torch.zeros(steps, 1, dtype=torch.int64),
             torch.rand(steps, b - 1, generator=gen).argsort(1) + 1,
         ],
         dim=1,
     )
-    signs = torch.randint(0, 2, (steps, b), generator=gen, dtype=torch.float64) * 2 - 1
+    signs = torch.randint(0, 2, (steps, b), generator=gen, dtype=r0.dtype) * 2 - 1
     signs[:, 0] = 1.0
-    cur = candidate_rows(x, max_rows)
+    bases = torch.empty(steps, b, b, dtype=r0.dtype)
+    bases.scatter_(1, order[:, :, None].expand(steps, b, b), signs[:, :, None] * r0)
+    return bases
+
+
+def swaps(b: int) -> torch.Tensor:
+    """[B, B]: row d is the channel order of E_d, which swaps channels 0 and d."""
+    idx = torch.arange(b).repeat(b, 1)
+    idx[:, 0] = torch.arange(b)
+    idx[torch.arange(b), torch.arange(b)] = 0
+    return idx
+
+
+def greedy_rotation(
+    rows: torch.Tensor, steps: int, gen: torch.Generator, max_rows: int = 256
+) -> GreedyRotation:
+    """Greedy rotation for activation rows [N, B]: up to `steps` steps, the best prefix kept.
+
+    Step k applies G = E_d . A_k . E_d (d: the channel of the largest |x|), i.e. A_k with rows
+    and columns 0 and d swapped. The best prefix is the one with the smallest max |x| (the empty
+    prefix, identity, included), so the result never makes the calibration maximum worse.
+    """
+    b = rows.shape[1]
+    eye = torch.eye(b, dtype=torch.float64)
+    before = float(rows.abs().amax()) if rows.numel() else 0.0
+    if b < 2 or steps < 1 or before == 0.0:
+        return GreedyRotation(eye, before, before, 0)
+    bases = step_bases(steps, uniform_first_row(b), gen)
+    swap = swaps(b)
+    cur = candidate_rows(rows, max_rows).double()
     best, best_k = before, 0
-    mat = best_mat = eye
+    chosen: list[int] = []
     d = int(cur.abs().argmax()) % b
     for k in range(steps):
-        g = step_matrix(d, orders[k], signs[k], r0)
-        cur = cur @ g
-        mat = mat @ g
+        chosen.append(d)
+        cur = cur @ bases[k][swap[d]][:, swap[d]]
         flat = int(cur.abs().argmax())
-        m, d = float(cur.view(-1)[flat].abs()), flat % b
+        m, d = abs(float(cur.view(-1)[flat])), flat % b
         if m < best:
-            best, best_k, best_mat = m, k + 1, mat
-    after = float((x @ best_mat).abs().amax()) if best_k else before
-    return GreedyRotation(best_mat, before, after, best_k)
+            best, best_k = m, k + 1
+    mat = eye
+    for k in range(best_k):
+        mat = mat @ bases[k][swap[chosen[k]]][:, swap[chosen[k]]]
+    after = float((rows @ mat.to(rows.dtype)).abs().amax()) if best_k else before
+    return GreedyRotation(mat, before, after, best_k)

@@ -27,7 +27,7 @@ from duquant_cli.math.blocks import (
     stack_blocks,
 )
 from duquant_cli.math.permutation import energy_scores, is_permutation, zigzag
-from duquant_cli.math.quantize import quantize_weight
+from duquant_cli.math.quantize import QuantizedWeight, quantize_weight
 from duquant_cli.math.rotations import gram_eigenbasis, signed_hadamard_blocks
 
 ORTHO_TOL = 1e-5
@@ -129,16 +129,21 @@ def finish_weight(
     cfg: QuantConfig,
     precision: Precision,
     info: dict[str, float],
+    qw: QuantizedWeight | None = None,
 ) -> LayerPack:
-    """Quantize the transformed weight (or keep it in float32 at 16 bits) and record its error."""
+    """Quantize the transformed weight (or keep it in float32 at 16 bits) and record its error.
+
+    `qw`: codes already chosen for `w` (error-compensated rounding), stored as given.
+    """
     if precision.quantize_weight:
-        qw = quantize_weight(
-            w,
-            precision.w_bits,
-            asym=cfg.weight_scheme is Scheme.ASYM,
-            group_size=cfg.group_size,
-            clip_search=cfg.clip_search,
-        )
+        if qw is None:
+            qw = quantize_weight(
+                w,
+                precision.w_bits,
+                asym=cfg.weight_scheme is Scheme.ASYM,
+                group_size=cfg.group_size,
+                clip_search=cfg.clip_search,
+            )
         tensors["qweight"] = pack_codes(qw.codes, precision.w_bits)
         tensors["scale"] = qw.scale
         if qw.zero is not None:

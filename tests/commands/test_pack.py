@@ -206,4 +206,11 @@ def test_failure_mid_pack_publishes_nothing(
     with pytest.raises(KeyboardInterrupt):
         pack(ckpt_file, tmp_path / "o")
     assert not (tmp_path / "o").exists()
+    # an interrupt keeps the finished layers for --resume (the lock is released)
+    assert hidden_leftovers(tmp_path) == [".o.partial"]
+    monkeypatch.setattr(cmd, "build_layer", real)
+    with pytest.raises(PackError, match="pass --resume to continue it or --force"):
+        pack(ckpt_file, tmp_path / "o")
+    assert pack(ckpt_file, tmp_path / "o", resume=True).resumed == 2
+    assert list(Pack.open(tmp_path / "o").layers) == SMALL_LINEARS
     assert hidden_leftovers(tmp_path) == []
