@@ -25,7 +25,7 @@ from duquant_cli.formats.checkpoint import (
     FLOAT_DTYPES,
     Checkpoint,
     open_checkpoint,
-    tensor_sha256,
+    source_record,
 )
 from duquant_cli.formats.legacy import (
     SOURCE_FORMAT,
@@ -241,12 +241,7 @@ def import_legacy(
                 prec = cfg.precision_for(p.name)
                 lp = legacy_layer(weight, p.perm, p.rin, p.rout, prec)
                 transform, quant = _records(p, prec)
-                source = {
-                    "key": p.weight_key,
-                    "dtype": str(weight.dtype).removeprefix("torch."),
-                    "sha256": tensor_sha256(weight),
-                    "bias": p.bias_key,
-                }
+                source = source_record(p.weight_key, weight, p.bias_key)
                 entry = writer.add(
                     p.name,
                     lp.tensors,

@@ -19,7 +19,7 @@ from duquant_cli.formats.checkpoint import (
     Checkpoint,
     checkpoint_name,
     open_checkpoint,
-    tensor_sha256,
+    source_record,
 )
 from duquant_cli.formats.pack import PackWriter
 from duquant_cli.formats.selection import PlannedLayer, Selection, select_layers
@@ -297,12 +297,7 @@ def pack(
                     transform, quant = layer_meta(
                         cfg, pl.precision, lp.info.get("alpha"), groups.leader(pl.name)
                     )
-                source = {
-                    "key": pl.weight_key,
-                    "dtype": str(weight.dtype).removeprefix("torch."),
-                    "sha256": tensor_sha256(weight),
-                    "bias": pl.bias_key,
-                }
+                source = source_record(pl.weight_key, weight, pl.bias_key)
                 entry = writer.add(
                     pl.name,
                     lp.tensors,

@@ -199,3 +199,14 @@ def tensor_sha256(t: torch.Tensor) -> str:
     """SHA-256 of a tensor's raw bytes as stored (dtype kept): a source weight's identity."""
     data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
     return hashlib.sha256(data).hexdigest()
+
+
+def source_record(key: str, weight: torch.Tensor, bias_key: str | None) -> dict:
+    """What a pack records of a source weight: key, dtype and SHA-256, so staleness can be
+    checked later against a checkpoint (`inspect --checkpoint`) or a model (`verify_source`)."""
+    return {
+        "key": key,
+        "dtype": str(weight.dtype).removeprefix("torch."),
+        "sha256": tensor_sha256(weight),
+        "bias": bias_key,
+    }

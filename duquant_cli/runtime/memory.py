@@ -10,17 +10,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from math import prod
 
+from duquant_cli.formats.manifest import ITEMSIZE
 from duquant_cli.runtime.support import int4_group
 
-DTYPE_BYTES = {
-    "float32": 4,
-    "float16": 2,
-    "bfloat16": 2,
-    "int64": 8,
-    "int32": 4,
-    "uint8": 1,
-    "int8": 1,
-}
+DTYPE_BYTES = ITEMSIZE  # bytes per element, by dtype name
 # What `inspect` reports: bytes per requested backend (on cpu, where the integer kernels run;
 # a layer a kernel cannot run falls back to dense, as load_packed does) and compute dtype.
 RUNTIME_BACKENDS = ("dense", "int8", "int4", "auto")
