@@ -22,6 +22,14 @@ from duquant_cli.errors import (
 _LAZY = {
     "PackSummary": "duquant_cli.commands.pack",
     "pack": "duquant_cli.commands.pack",
+    "calibrated_config": "duquant_cli.commands.pack",
+    "LayerStats": "duquant_cli.formats.stats",
+    "Stats": "duquant_cli.formats.stats",
+    "collect_stats": "duquant_cli.runtime.collect",
+    "CalibrateSummary": "duquant_cli.commands.calibrate",
+    "calibrate": "duquant_cli.commands.calibrate",
+    "EvalResult": "duquant_cli.commands.evaluate",
+    "evaluate": "duquant_cli.commands.evaluate",
     "ApplyResult": "duquant_cli.commands.apply",
     "apply": "duquant_cli.commands.apply",
     "PackReport": "duquant_cli.commands.inspect",
@@ -47,15 +55,19 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from duquant_cli.commands.apply import ApplyResult, apply
+    from duquant_cli.commands.calibrate import CalibrateSummary, calibrate
+    from duquant_cli.commands.evaluate import EvalResult, evaluate
     from duquant_cli.commands.import_legacy import ImportSummary, import_legacy
     from duquant_cli.commands.inspect import PackReport, inspect_pack
-    from duquant_cli.commands.pack import PackSummary, pack
+    from duquant_cli.commands.pack import PackSummary, calibrated_config, pack
     from duquant_cli.commands.report import render_status
     from duquant_cli.commands.stale import SourceCheck, check_source
     from duquant_cli.commands.verify import VerifyReport, verify_pack
+    from duquant_cli.formats.stats import LayerStats, Stats
     from duquant_cli.presets import PRESETS, Preset, get_preset
     from duquant_cli.runtime.backends import Backend
     from duquant_cli.runtime.calibrate import calibrating, save_act_scales
+    from duquant_cli.runtime.collect import collect_stats
     from duquant_cli.runtime.layer import DuQuantLinear
     from duquant_cli.runtime.loader import LoadReport, load_packed
     from duquant_cli.runtime.status import status
@@ -85,8 +97,17 @@ __all__ = [
     # packing
     "ImportSummary",
     "PackSummary",
+    "calibrated_config",
     "import_legacy",
     "pack",
+    # calibration and evaluation
+    "CalibrateSummary",
+    "EvalResult",
+    "LayerStats",
+    "Stats",
+    "calibrate",
+    "collect_stats",
+    "evaluate",
     # presets
     "PRESETS",
     "Preset",

@@ -62,7 +62,7 @@ def _print(result: dict) -> None:
         out.print(t)
         t = Table(title="forward: time / nn.Linear time at the same dtype (median, interleaved)")
         backends = ("dense", "int8", "int4")
-        for c in ("shape", "dtype", "tokens", "nn.Linear us", *backends, "1st/2nd call"):
+        for c in ("shape", "dtype", "tokens", "nn.Linear us", *backends, "1st/2nd (nn.Linear)"):
             t.add_column(c)
         for r in result["forward"]:
             t.add_row(
@@ -71,7 +71,8 @@ def _print(result: dict) -> None:
                 str(r["tokens"]),
                 f"{r['linear_us']:.0f}",
                 *(f"{r[b + '_ratio']:.3f}" if b + "_ratio" in r else "-" for b in backends),
-                f"{r['first_us'] / r['second_us']:.2f}",
+                f"{r['first_us'] / r['second_us']:.2f} "
+                f"({r['linear_first_us'] / r['linear_second_us']:.2f})",
             )
         out.print(t)
         t = Table(title="memory per layer")

@@ -10,6 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from duquant_cli.cli.common import clean_errors, err, mb, out, print_json
+from duquant_cli.cli.presets import PresetOption
 
 
 @clean_errors
@@ -23,13 +24,21 @@ def calibrate_cmd(
     length: Annotated[int, typer.Option(help="Tokens per window.")] = 512,
     offset: Annotated[int, typer.Option(help="First window of the text to use.")] = 0,
     max_rows: Annotated[int, typer.Option(help="Input rows kept per layer.")] = 4096,
+    preset: PresetOption = None,
     force: Annotated[bool, typer.Option(help="Replace an existing statistics file.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
 ) -> None:
     """Record each linear layer's input statistics on a text, for `duquant pack --calib`."""
     from duquant_cli.commands.calibrate import calibrate
 
-    kwargs = dict(windows=windows, length=length, offset=offset, max_rows=max_rows, force=force)
+    kwargs = dict(
+        windows=windows,
+        length=length,
+        offset=offset,
+        max_rows=max_rows,
+        preset=preset,
+        force=force,
+    )
     if as_json:
         summary = calibrate(model_dir, text, out_file, **kwargs)
         print_json(summary.to_json())

@@ -24,7 +24,6 @@ import torch
 
 from duquant_cli.config import Precision, QuantConfig, Rotation, RowRot, Scheme
 from duquant_cli.errors import TransformError
-from duquant_cli.math.bitpack import unpack_codes
 from duquant_cli.math.blocks import (
     BlockDiag,
     apply_blocks,
@@ -32,7 +31,7 @@ from duquant_cli.math.blocks import (
     orthogonality_error,
     split_sizes,
 )
-from duquant_cli.math.gptq import gptq_quantize
+from duquant_cli.math.gptq import gptq_quantize, gram
 from duquant_cli.math.greedy import greedy_rotation
 from duquant_cli.math.layer_pack import (
     ORTHO_TOL,
@@ -42,12 +41,7 @@ from duquant_cli.math.layer_pack import (
     rotation_blocks,
 )
 from duquant_cli.math.permutation import is_permutation, zigzag
-from duquant_cli.math.quantize import (
-    QuantizedWeight,
-    dequantize,
-    fake_quant_per_token,
-    quantize_weight,
-)
+from duquant_cli.math.quantize import QuantizedWeight, fake_quant_per_token, quantize_weight
 from duquant_cli.math.smoothing import smooth_scales
 
 ERROR_ROWS = 256  # calibration rows the recorded output error is measured on
@@ -252,7 +246,7 @@ def build_calibrated_layers(
     a = cfg.alpha if alpha is None else alpha
     t = fit_input_transform(names[0], rows, amax, torch.cat(weights).detach(), cfg, a)
     x3 = t.apply_x(rows)
-    h = x3.mT @ x3 if cfg.gptq else None
+    h = gram(x3) if cfg.gptq else None
     x_err = rows[:ERROR_ROWS].float()
     x3_err = x3[:ERROR_ROWS]
 
@@ -292,8 +286,9 @@ def build_calibrated_layers(
         # in1 holds diag(1/s) @ R1: its orthogonality is R1's, checked before folding.
         lp.info["ortho_error_in1"] = t.info["ortho_error_in1"]
         lp.info["ortho_error"] = max(lp.info[f"ortho_error_{f}"] for f in ("in1", "in2", "out"))
+        wq = w3s[i] if qws[i] is None else qws[i].dequantize()
         lp.info["output_rel_error"] = _output_error(
-            x_err, x3_err, weights[i], lp, precisions[i], cfg, out_bd
+            x_err, x3_err, weights[i], wq, precisions[i], cfg, out_bd
         )
         packs.append(lp)
     return packs
@@ -303,17 +298,13 @@ def _output_error(
     x: torch.Tensor,
     x3: torch.Tensor,
     weight: torch.Tensor,
-    lp: LayerPack,
+    wq: torch.Tensor,
     precision: Precision,
     cfg: QuantConfig,
     out_bd: BlockDiag | None,
 ) -> float:
-    """||Q_a(x M) W_q^T - x W^T|| / ||x W^T|| on calibration rows, as the runtime computes it."""
-    if "weight" in lp.tensors:
-        wq = lp.tensors["weight"]
-    else:
-        codes = unpack_codes(lp.tensors["qweight"], precision.w_bits, weight.shape[1])
-        wq = dequantize(codes, lp.tensors["scale"], lp.tensors.get("zero"), precision.w_bits)
+    """||Q_a(x M) W_q^T - x W^T|| / ||x W^T|| on calibration rows, as the runtime computes it
+    (W_q: the stored weight, dequantized)."""
     xq = x3
     if precision.quantize_act:
         xq = fake_quant_per_token(x3, precision.a_bits, cfg.act_scheme is Scheme.ASYM, cfg.act_clip)

@@ -21,6 +21,12 @@ DAMP = 0.01  # H += DAMP * mean(diag H) * I: H from a few thousand rows is often
 BLOCK = 128
 
 
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """H = X^T X [n, n] (float32) of calibration rows x [r, n]."""
+    x = x.float()
+    return x.mT @ x
+
+
 def inverse_factor(h: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
     """Upper Cholesky factor U of (H + damping)^-1 (float32), the GPTQ update weights.
 

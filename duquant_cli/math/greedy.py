@@ -12,8 +12,9 @@ Speed (exact, not an approximation): no orthogonal R can push max_j |(xR)_j| abo
 the row of largest norm keeps some entry >= its norm / sqrt(B) under every R. Rows whose norm is
 below (max row norm) / sqrt(B) can therefore never hold the maximum, so the steps run on the
 other rows only. Where that still leaves more than `max_rows` rows (smoothed activations have
-flat norms), the steps run on the `max_rows` rows of largest norm, the only ones that can hold
-the maximum once it has dropped below the next row's norm; the result is then measured on all.
+flat norms), the search keeps the `max_rows` rows of largest norm: the others can hold the
+maximum only once it has dropped below their norm. This is the one approximation (searching
+2048 rows instead of 256 gave the same perplexity); the result is measured on all rows.
 """
 
 from __future__ import annotations
@@ -90,6 +91,8 @@ def greedy_rotation(
     Step k applies G = E_d . A_k . E_d (d: the channel of the largest |x|), i.e. A_k with rows
     and columns 0 and d swapped. The best prefix is the one with the smallest max |x| (the empty
     prefix, identity, included), so the result never makes the calibration maximum worse.
+    The search runs in float32 (it only compares maxima); the kept prefix is multiplied out in
+    float64.
     """
     b = rows.shape[1]
     eye = torch.eye(b, dtype=torch.float64)
@@ -97,14 +100,15 @@ def greedy_rotation(
     if b < 2 or steps < 1 or before == 0.0:
         return GreedyRotation(eye, before, before, 0)
     bases = step_bases(steps, uniform_first_row(b), gen)
+    bases32 = bases.float()
     swap = swaps(b)
-    cur = candidate_rows(rows, max_rows).double()
+    cur = candidate_rows(rows, max_rows).float()
     best, best_k = before, 0
     chosen: list[int] = []
     d = int(cur.abs().argmax()) % b
     for k in range(steps):
         chosen.append(d)
-        cur = cur @ bases[k][swap[d]][:, swap[d]]
+        cur = cur @ bases32[k][swap[d]][:, swap[d]]
         flat = int(cur.abs().argmax())
         m, d = abs(float(cur.view(-1)[flat])), flat % b
         if m < best:
