@@ -9,7 +9,8 @@ Smoothing is folded into the first block transform, so the pack keeps the runtim
     perm        = P                     (zigzag over max |x| after smoothing and R1)
     in2 block k = R2
 and the weight takes M^-T = diag(s) . blockdiag(R1) . P . blockdiag(R2), the same path with s
-in place of 1/s. Everything is built in float64 on the calibration rows, checked, stored float32.
+in place of 1/s. The transforms and the weight are built in float64 (statistics of the
+calibration rows in float32), checked, and stored in float32.
 
 Layers fed the same input (q/k/v, gate/up) form an input group: one transform, fitted with
 wmax over all their weights (as SmoothQuant folds one smoothing into the shared norm), and one

@@ -59,8 +59,9 @@ def gptq_quantize(
     """Codes for w [out, n] with the given per-group scale [out, groups] (and zero, asymmetric),
     rounded column by column with error feedback through H [n, n] = X^T X.
 
-    Works in code units (w / scale + zero, one scale per element), transposed so that each
-    column is one contiguous row; the error is carried back to weight units for the update.
+    The weight is held transposed, one contiguous row per input column: each column is rounded
+    on its fixed grid, and its error (weight units, scaled by U) is taken off the columns after
+    it: within the block one at a time, beyond it once per block.
     """
     out, n = w.shape
     groups = scale.shape[1]
@@ -71,7 +72,7 @@ def gptq_quantize(
     z_t = (
         zero.float().repeat_interleave(gs, dim=1).mT.contiguous()
         if zero is not None
-        else torch.full((1, 1), float(sym_zero(bits)))
+        else torch.full((n, 1), float(sym_zero(bits)))
     )
     work = w.float().mT.contiguous()  # [n, out]: row j is input column j
     codes = torch.empty(n, out)
@@ -82,7 +83,7 @@ def gptq_quantize(
         wb, u1, e1 = work[i1:i2], u[i1:i2, i1:i2], err[: i2 - i1]
         for i in range(i2 - i1):
             j = i1 + i
-            s, z = s_t[j], z_t[min(j, z_t.shape[0] - 1)]
+            s, z = s_t[j], z_t[j]
             q = codes[j]
             torch.div(wb[i], s, out=q).add_(z).round_().clamp_(0.0, qmax)
             torch.sub(q, z, out=dq).mul_(s)

@@ -60,9 +60,10 @@ def test_calibrate_pack_eval(lm, tmp_path: Path) -> None:
     stats = Stats.load(stats_file)
     # the decoder's linear layers under their full-model names; the output head is not run
     assert "model.layers.0.self_attn.q_proj" in stats and "lm_head" not in stats
-    assert stats["model.layers.0.self_attn.k_proj"].rows is stats[
-        "model.layers.0.self_attn.q_proj"
-    ].rows
+    assert (
+        stats["model.layers.0.self_attn.k_proj"].rows
+        is stats["model.layers.0.self_attn.q_proj"].rows
+    )
     assert stats.meta["source"]["windows"] == 2
 
     res = runner.invoke(
