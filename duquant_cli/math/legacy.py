@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from duquant_cli.config import Precision
-from duquant_cli.math.bitpack import pack_codes
-from duquant_cli.math.blocks import BlockDiag, apply_blocks, apply_blocks_rows, orthogonality_error
-from duquant_cli.math.layer_pack import LayerPack
+from duquant_cli.config import Precision, QuantConfig
+from duquant_cli.math.blocks import BlockDiag, apply_blocks, apply_blocks_rows
+from duquant_cli.math.layer_pack import LayerPack, finish_weight
 from duquant_cli.math.quantize import quantize_weight
 
 LEGACY_DIVISORS = (0.5, 0.75, 1.0, 1.25, 1.5)
@@ -48,23 +47,8 @@ def legacy_layer(
     if rout is not None:
         _put(tensors, "out", rout)
         w = apply_blocks_rows(w, BlockDiag(tensors["out"], tensors.get("out_tail")))
-    info: dict[str, float] = {}
+    qw = None
     if precision.quantize_weight:
         qw = quantize_weight(w, precision.w_bits, grid=LEGACY_GRID)
-        tensors["qweight"] = pack_codes(qw.codes, precision.w_bits)
-        tensors["scale"] = qw.scale
-        info["weight_rel_error"] = float((qw.dequantize() - w).norm() / w.norm().clamp_min(1e-30))
-        info["scale_min"] = float(qw.scale.min())
-        info["scale_median"] = float(qw.scale.median())
-        info["scale_max"] = float(qw.scale.max())
-    else:
-        tensors["weight"] = w.contiguous()
-        info["weight_rel_error"] = 0.0
-    errs = {
-        f: orthogonality_error(BlockDiag(tensors[f], tensors.get(f + "_tail")))
-        for f in ("in2", "out")
-        if f in tensors
-    }
-    info["ortho_error"] = max(errs.values(), default=0.0)
-    info |= {f"ortho_error_{f}": e for f, e in errs.items()}
-    return LayerPack(tensors, info)
+    # The config only matters for codes chosen inside finish_weight; these come chosen.
+    return finish_weight(tensors, w, QuantConfig(), precision, {}, qw)
