@@ -107,7 +107,6 @@ class BenchResult:
     pack: list[dict] = field(default_factory=list)
     forward: list[dict] = field(default_factory=list)
     memory: list[dict] = field(default_factory=list)
-    load: list[dict] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return self.__dict__
@@ -265,19 +264,6 @@ def bench_compile(shape=(2048, 2048), tokens: int = 64, dtype=torch.float32, rep
         "compiled_us": med["compiled"] * 1e6,
         "compiled_vs_eager": med["compiled"] / med["eager"],
     }
-
-
-def bench_load(model_factory: Callable[[], nn.Module], pack_dir: Path, repeats: int = 3) -> dict:
-    """Wall time of `load_packed` of a real pack into a fresh model (model build not timed)."""
-    from duquant_cli.runtime.loader import load_packed
-
-    times = []
-    for _ in range(repeats):
-        model = model_factory()
-        t0 = time.perf_counter()
-        report = load_packed(model, pack_dir)
-        times.append(time.perf_counter() - t0)
-    return {"pack": str(pack_dir), "layers": len(report.replaced), "seconds": min(times)}
 
 
 def peak_rss_mb() -> float:
