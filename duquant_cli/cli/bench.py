@@ -100,6 +100,10 @@ def _print(result: dict) -> None:
         t = Table(title=f"pack: {p['checkpoint']}", show_header=False)
         t.add_row("parameters", f"{p['params']:,}")
         t.add_row("pack time", f"{p['pack_s']:.1f} s ({p['mb_per_s']:.0f} MB/s of bf16 weights)")
-        t.add_row("peak RSS", f"{p['peak_rss_mb']:.0f} MB")
+        t.add_row(
+            "peak RSS",
+            f"{p['peak_rss_mb']:.0f} MB (generating the checkpoint alone: "
+            f"{p['generate_peak_rss_mb']:.0f} MB)",
+        )
         t.add_row("pack size", f"{p['pack_bytes'] / 1e6:,.1f} MB")
         out.print(t)

@@ -92,7 +92,9 @@ class PackWriter:
     (named by its index, never by the layer name) plus a line in `journal.jsonl`; once a shard's
     worth of layers is staged it is written to `pack/` and journaled, and its staged layers are
     deleted. Shard boundaries depend only on the layers' sizes in order, so a resumed run writes
-    the same bytes as an uninterrupted one.
+    the same bytes as an uninterrupted one. Staged layers are not kept in memory: a shard is
+    assembled from their files, so the writer never holds a shard's worth (512 MiB) while the
+    next layer's pack temporaries are allocated, and resumed and fresh runs share one path.
 
     With a `job` (the caller's description of the run: options and source), an interrupted run
     (Ctrl-C, a kill, a full disk) leaves the partial folder and `resume=True` continues it:
@@ -118,7 +120,6 @@ class PackWriter:
         self.shards: list[dict[str, Any]] = []  # one per written shard (journal lines)
         self.resumed: list[LayerEntry | str] = []
         self._assembled = 0  # records covered by written shards
-        self._buffer: dict[int, dict[str, torch.Tensor]] = {}  # staged here, not yet in a shard
         self._journal: Any = None  # the journal, open for appending
         self._io_failed = False
         self._committed = False
@@ -306,7 +307,7 @@ class PackWriter:
         digest = hashlib.sha256(data).hexdigest()
         rec = {"index": index, "name": name, "bytes": entry.nbytes, "sha256": digest}
         self._record(rec | {"entry": entry.to_json()})
-        self._buffer[index] = stored  # a shard's worth at most: spares reading it back
+        del stored, data
         self._assemble(final=False)
         return entry
 
@@ -366,8 +367,7 @@ class PackWriter:
             return
         tensors: dict[str, torch.Tensor] = {}
         for rec in recs:
-            staged = self._buffer.pop(rec["index"], None)
-            tensors |= staged if staged is not None else self._read_staged(rec["index"])
+            tensors |= self._io(self._read_staged, self._staged(rec["index"]))
         tensors = _unshared(tensors)  # layers fed one input may hand in the same transform
         name = self._shard_name
         record = self._io(write_shard, self.tmp / "pack" / name, tensors, True)
@@ -382,9 +382,10 @@ class PackWriter:
         for rec in recs:
             self._staged(rec["index"]).unlink(missing_ok=True)
 
-    def _read_staged(self, index: int) -> dict[str, torch.Tensor]:
-        """A layer staged by an interrupted run (its hash was checked when the run resumed)."""
-        path = self._staged(index)
+    @staticmethod
+    def _read_staged(path: Path) -> dict[str, torch.Tensor]:
+        """A staged layer's tensors, read back to assemble its shard (an interrupted run's were
+        hash-checked when the run resumed). The file's memory map is closed on return."""
         try:
             with safe_open(str(path), framework="pt") as fh:
                 return {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118

@@ -148,7 +148,8 @@ def finish_weight(
         tensors["scale"] = qw.scale
         if qw.zero is not None:
             tensors["zero"] = qw.zero
-        err = (qw.dequantize() - w).norm() / w.norm().clamp_min(1e-30)
+        # In place: the dequantized weight is a temporary as large as the layer's float32 weight.
+        err = qw.dequantize().sub_(w).norm() / w.norm().clamp_min(1e-30)
         info["weight_rel_error"] = float(err)
         # Scale spread, so `duquant inspect` can show it from the manifest without the tensors.
         info["scale_min"] = float(qw.scale.min())

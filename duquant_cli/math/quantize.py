@@ -41,12 +41,16 @@ def dequantize(
     bits: int,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """(codes - zero) * scale in float32, then cast: the one definition every backend matches."""
+    """(codes - zero) * scale in float32, then cast: the one definition every backend matches.
+
+    Computed in place in one float32 copy of the codes (the same ops, so the same bits): a
+    weight-sized temporary per step made dequantizing a large layer cost three weights' memory.
+    """
     out, n = codes.shape
     groups = scale.shape[1]
-    c = codes.float().view(out, groups, n // groups)
+    c = codes.to(torch.float32, copy=True).view(out, groups, n // groups)
     z = zero.float()[..., None] if zero is not None else float(sym_zero(bits))
-    return ((c - z) * scale.float()[..., None]).view(out, n).to(dtype)
+    return c.sub_(z).mul_(scale.float()[..., None]).view(out, n).to(dtype)
 
 
 def _ranges(wg: torch.Tensor, ratio: torch.Tensor, bits: int, asym: bool):
