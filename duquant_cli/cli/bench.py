@@ -43,7 +43,7 @@ def bench_cmd(
         fwd = bench(shapes=shapes, bits=bits, block=block, repeats=repeats)
         result |= {"layer_pack": fwd.pack, "forward": fwd.forward, "memory": fwd.memory}
         if compile_:
-            result["compile"] = bench_compile(shape=shapes[0], repeats=repeats)
+            result["compile"] = bench_compile(shapes=shapes[:2], repeats=repeats)
     if part in (Part.ALL, Part.PACK):
         result["pack"] = bench_pack(small=small, block=block, bits=bits)
     if as_json:
@@ -89,12 +89,19 @@ def _print(result: dict) -> None:
             )
         out.print(t)
     if "compile" in result:
-        c = result["compile"]
-        out.print(
-            f"torch.compile(fullgraph=True), dense {c['dtype']} {c['shape']} x {c['tokens']} "
-            f"tokens: compiled/eager = {c['compiled_vs_eager']:.3f} "
-            f"(compile {c['compile_s']:.1f} s)"
-        )
+        t = Table(title="torch.compile(fullgraph=True), dense: time / eager time (median)")
+        for c in ("shape", "dtype", "tokens", "eager / nn.Linear", "compiled / eager", "compile s"):
+            t.add_column(c)
+        for c in result["compile"]:
+            t.add_row(
+                "x".join(map(str, c["shape"])),
+                c["dtype"],
+                str(c["tokens"]),
+                f"{c['eager_us'] / c['linear_us']:.3f}",
+                f"{c['compiled_vs_eager']:.3f}",
+                f"{c['compile_s']:.1f}",
+            )
+        out.print(t)
     if "pack" in result:
         p = result["pack"]
         t = Table(title=f"pack: {p['checkpoint']}", show_header=False)

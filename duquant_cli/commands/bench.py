@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 import resource
 import statistics
@@ -246,30 +247,50 @@ def bench(
     return res
 
 
-def bench_compile(shape=(2048, 2048), tokens: int = 64, dtype=torch.float32, repeats=20) -> dict:
-    """torch.compile(fullgraph=True) of the dense backend against eager, side by side."""
+def bench_compile(
+    shapes: tuple[tuple[int, int], ...] = FORWARD_SHAPES[:2],
+    tokens: int = 64,
+    dtypes: tuple[torch.dtype, ...] = DTYPES,
+    repeats: int = 20,
+) -> list[dict]:
+    """torch.compile(fullgraph=True) of the dense layer against the same layer eager and against
+    nn.Linear, side by side, per shape and dtype; with the largest output difference (the
+    compiled graph must compute what eager does)."""
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "c.safetensors"
-        _write_checkpoint(ckpt, [shape])
+        _write_checkpoint(ckpt, shapes)
         pack(ckpt, Path(tmp) / "p")
         p = Pack.open(Path(tmp) / "p")
-        name, entry = next(iter(p.layers.items()))
-        layer = DuQuantLinear.from_pack(entry, p.load(name), bias=None, dtype=dtype)
+        for (name, entry), dtype in itertools.product(p.layers.items(), dtypes):
+            layer = DuQuantLinear.from_pack(entry, p.load(name), bias=None, dtype=dtype)
+            rows.append(_compile_row(layer, tokens, repeats))
+    return rows
+
+
+def _compile_row(layer: DuQuantLinear, tokens: int, repeats: int) -> dict:
+    o, n, dtype = layer.out_features, layer.in_features, layer.compute_dtype
+    lin = nn.Linear(n, o, bias=False, dtype=dtype)
     compiled = torch.compile(layer, fullgraph=True)
-    x = torch.randn(tokens, shape[1], dtype=dtype)
+    x = torch.randn(tokens, n, dtype=dtype)
     with torch.inference_mode():
         t0 = time.perf_counter()
-        compiled(x)
+        first = compiled(x)
         compile_s = time.perf_counter() - t0
-        med = _interleaved({"eager": lambda: layer(x), "compiled": lambda: compiled(x)}, repeats)
+        diff = (first.float() - layer(x).float()).abs().max().item()
+        fns = {"linear": lambda: lin(x), "eager": lambda: layer(x), "compiled": lambda: compiled(x)}
+        med = _interleaved(fns, repeats)
     return {
-        "shape": list(shape),
+        "shape": [o, n],
         "tokens": tokens,
         "dtype": str(dtype).removeprefix("torch."),
         "compile_s": compile_s,
+        "max_abs_diff": diff,
+        "linear_us": med["linear"] * 1e6,
         "eager_us": med["eager"] * 1e6,
         "compiled_us": med["compiled"] * 1e6,
         "compiled_vs_eager": med["compiled"] / med["eager"],
+        "compiled_vs_linear": med["compiled"] / med["linear"],
     }
 
 

@@ -60,9 +60,17 @@ class Kernel(Protocol):
         ...
 
     def linear_t(self, layer: DuQuantLinear, h: torch.Tensor) -> torch.Tensor:
-        """Channels-major: h [in, T] (transformed, quantized) -> [out, T] in h's dtype, before
-        row restore, activation scale and bias."""
+        """Channels-major: h [in, T] (transformed, quantized, float32) -> [out, T] in the
+        matmul's dtype, before activation scale, bias and row restore."""
         ...
+
+
+def contiguous_as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t, contiguous and in `dtype`, in one copy (`Tensor.to` ignores `memory_format` when the
+    dtype already matches and would hand back the transposed view)."""
+    if t.dtype == dtype:
+        return t.contiguous()
+    return t.to(dtype, memory_format=torch.contiguous_format)
 
 
 def _codes(entry: LayerEntry, tensors: dict[str, torch.Tensor], device) -> torch.Tensor:
@@ -86,7 +94,8 @@ class DenseKernel:
         return {"weight": w.to(dtype)}
 
     def linear_t(self, layer: DuQuantLinear, h: torch.Tensor) -> torch.Tensor:
-        return torch.mm(layer.weight, h)
+        # Integer-valued h (or w16a16's float32): exact in the weight's dtype for 8-bit codes.
+        return torch.mm(layer.weight, h.to(layer.weight.dtype))
 
 
 class Int8Kernel:
@@ -103,7 +112,7 @@ class Int8Kernel:
 
     def linear_t(self, layer: DuQuantLinear, h: torch.Tensor) -> torch.Tensor:
         acc = torch._int_mm(layer.weight, h.to(torch.int8))
-        return torch.mul(acc, layer.weight_scale).to(h.dtype)
+        return torch.mul(acc, layer.weight_scale)
 
 
 class Int4Kernel:
@@ -139,14 +148,14 @@ def int4_mm_t(
 ) -> torch.Tensor:
     """Channels-major int4 matmul. An opaque op, so that torch.compile keeps the contiguous
     token-major input the kernel requires (inductor does not for the aten op itself)."""
-    x = h.t().contiguous().to(scale_zero.dtype)
+    x = contiguous_as(h.t(), scale_zero.dtype)
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, weight, group, scale_zero)
-    return y.t().contiguous().to(h.dtype)
+    return y.t().contiguous()
 
 
 @int4_mm_t.register_fake
 def _(h: torch.Tensor, weight: torch.Tensor, group: int, scale_zero: torch.Tensor) -> torch.Tensor:
-    return h.new_empty(weight.shape[0], h.shape[1])
+    return h.new_empty(weight.shape[0], h.shape[1], dtype=scale_zero.dtype)
 
 
 KERNELS: dict[Backend, Kernel] = {

@@ -4,6 +4,11 @@ The forward is the math of `duquant_cli.math.layer_pack`'s docstring, with every
 prepared once at load time: one gather and one batched block matmul per transform, activation
 quantization, the matmul, the row restore (or not), the bias. No Python branching on tensor
 values, so `torch.compile(fullgraph=True)` traces it whole.
+
+Everything but the matmul runs in float32 whatever the model's dtype: the transforms, the
+activation quantization, the scale, bias and restore. Those are a few small ops on activations,
+float32's are the fast ones on CPU (and on no device slow), and the quantization grid is then
+the same in every dtype. Only the matmul runs in the weight's dtype (or in integers).
 """
 
 from __future__ import annotations
@@ -14,15 +19,18 @@ from torch import nn
 from duquant_cli.errors import ConfigError, MismatchError
 from duquant_cli.formats.pack import LayerEntry
 from duquant_cli.math.bitpack import packed_cols
+from duquant_cli.math.blocks import apply_blocks
 from duquant_cli.math.permutation import is_permutation
-from duquant_cli.runtime.backends import KERNELS, Backend, choose_backend
+from duquant_cli.runtime.backends import KERNELS, Backend, choose_backend, contiguous_as
 
 _BLOCK_FIELDS = ("in1", "in1_tail", "in2", "in2_tail", "out", "out_tail")
+# Held in float32 whatever the model's dtype: `model.to(dtype)` moves them but does not cast.
+FLOAT32_FIELDS = (*_BLOCK_FIELDS, "bias", "act_scale")
 FIELDS = ("perm", *_BLOCK_FIELDS, "weight", "qweight", "scale", "zero", "bias", "act_scale")
 _FLOATS = ("float32", "float16", "bfloat16")
 ACT_DYNAMIC, ACT_STATIC, ACT_NONE = "dynamic", "static", "none"
-# Floor of static activation scales: float16's smallest normal, so a scale calibrated in float32
-# never becomes 0 (and x / 0 never NaN) when the model is later cast to float16.
+# Floor of static activation scales (float16's smallest normal, as packs written for float16
+# runtimes expect): a channel that never fired keeps a usable scale.
 ACT_SCALE_MIN = 2.0**-14
 
 
@@ -37,12 +45,36 @@ def _blocks_t(h: torch.Tensor, blocks_t: torch.Tensor, tail_t: torch.Tensor | No
     return y if tail_t is None else torch.cat([y, torch.mm(tail_t, h[head:])], dim=0)
 
 
-def _contiguous_as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """t, contiguous and in `dtype`, in one copy (`Tensor.to` ignores `memory_format` when the
-    dtype already matches and would hand back the transposed view)."""
-    if t.dtype == dtype:
-        return t.contiguous()
-    return t.to(dtype, memory_format=torch.contiguous_format)
+def _blocks_from_rows(
+    x: torch.Tensor, blocks_t: torch.Tensor, tail_t: torch.Tensor | None
+) -> torch.Tensor:
+    """Row-major x [T, n] -> channels-major (x @ blockdiag(R))^T [n, T]: one batched matmul
+    reading x in place as [n_blocks, B, T] (strided), so the transpose costs no copy of its own."""
+    t = x.shape[0]
+    nb, b, _ = blocks_t.shape
+    head = nb * b
+    y = torch.bmm(blocks_t, x[:, :head].view(t, nb, b).permute(1, 2, 0)).view(head, t)
+    if tail_t is None:
+        return y
+    return torch.cat([y, torch.mm(tail_t, x[:, head:].t())], 0)
+
+
+def _restore_rows(
+    y: torch.Tensor, blocks: torch.Tensor, tail: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """Channels-major y' [out, T] -> row-major y' @ blockdiag(out) [T, out] in `dtype`: one
+    batched matmul reading y' transposed and writing block-major [n_blocks, T, B], then one copy
+    with contiguous runs of B: the row restore and the layout change for the price of one."""
+    y = y.to(blocks.dtype)
+    t = y.shape[1]
+    nb, b, _ = blocks.shape
+    head = nb * b
+    res = y.new_empty(t, y.shape[0], dtype=dtype)
+    z = torch.bmm(y[:head].view(nb, b, t).mT, blocks)
+    res[:, :head].view(t, nb, b).copy_(z.transpose(0, 1))
+    if tail is not None:
+        res[:, head:].copy_(torch.mm(y[head:].t(), tail))
+    return res
 
 
 def _block_problems(refs: dict, field: str, dim: int) -> list[str]:
@@ -106,13 +138,16 @@ class DuQuantLinear(nn.Module):
     pre-transformed weight, then restored.
 
     Buffers (None when the pack has no such transform), all on one device:
-        perm: int64 [in]; in1, in2: [n_blocks, B, B], in1_tail, in2_tail: [t, t];
-        out: [n_row_blocks, Bo, Bo], out_tail (restore mode only): the pack's blocks, each
+        perm: int64 [in]; in1, in2: [n_blocks, B, B], in1_tail, in2_tail: [t, t], each block
         transposed (R^T) since the forward works channels-major (x^T, [in, T]);
-        weight: [out, in] (dense backend); bias: [out] (rotated in propagate mode);
-        act_scale: [in] static per-channel activation scales, in the transformed basis.
-    Floating buffers are in the compute dtype; `model.to(...)` moves and casts them, and
-    `state_dict()` holds them all (a calibrated `act_scale` loads back into a fresh layer).
+        out: [n_row_blocks, Bo, Bo], out_tail (restore mode only): the pack's blocks;
+        bias: [out], rotated back by the restore's R^T (restore mode) or by the pack
+        (propagate mode), so that it is added before the restore;
+        act_scale: [in] static per-channel activation scales, in the transformed basis;
+        the backend's weight buffers (see `Backend`): in the compute dtype for dense and int4.
+    The blocks, bias and scales stay float32 (`FLOAT32_FIELDS`): `model.to(...)` moves every
+    buffer and casts only the weight's. `state_dict()` holds them all (a calibrated
+    `act_scale` loads back into a fresh layer).
 
     In propagate mode (`output_rotated`) the output is y R^T with R the pack's `out` blocks:
     only a consumer that absorbs R makes the model exact.
@@ -147,6 +182,7 @@ class DuQuantLinear(nn.Module):
         self.calibrated = False
         self.act_percentile: float | None = None
         self.observer: object | None = None
+        self._compute_dtype = torch.float32
         for f in ("perm", *_BLOCK_FIELDS, "weight", "bias", "act_scale"):
             self.register_buffer(f, None)
 
@@ -186,72 +222,95 @@ class DuQuantLinear(nn.Module):
             backend, reason = choose_backend(backend, device, dtype, entry)
         layer.backend, layer.kernel, layer.backend_reason = backend, KERNELS[backend], reason
 
-        # int8 runs the transforms and quantization in float32 (its matmul is in integers anyway,
-        # and float32 ops are the fast ones on CPU); dense and int4 in the compute dtype.
-        fdtype = torch.float32 if backend is Backend.INT8 else dtype
-
         def put(t: torch.Tensor) -> torch.Tensor:
-            return t.to(device=device, dtype=fdtype if t.is_floating_point() else t.dtype)
+            return t.to(device=device, dtype=torch.float32)
 
         if "perm" in tensors:
             layer.perm = tensors["perm"].to(device=device, dtype=torch.int64)
-        keep = ("in1", "in2") + (("out",) if row_rot == "restore" else ())
-        for f in keep:  # stored transposed, as the channels-major forward applies them
+        for f in ("in1", "in2"):  # stored transposed, as the channels-major forward applies them
             if f in tensors:
                 setattr(layer, f, put(tensors[f]).mT.contiguous())
                 if f + "_tail" in tensors:
                     setattr(layer, f + "_tail", put(tensors[f + "_tail"]).mT.contiguous())
+        restore = row_rot == "restore" and "out" in tensors
+        if restore:
+            layer.out = put(tensors["out"])
+            if "out_tail" in tensors:
+                layer.out_tail = put(tensors["out_tail"])
         layer.output_rotated = row_rot == "propagate" and "out" in tensors
         for f, t in layer.kernel.prepare(entry, tensors, device, dtype).items():
             layer.register_buffer(f, t)
         b = tensors.get("bias", bias)
+        if b is not None and restore:
+            # Added before the restore, so rotated back by it: b R^T R = b (R orthogonal).
+            out_t = tensors["out"].double().mT
+            tail = tensors.get("out_tail")
+            b = apply_blocks(b.double(), out_t, None if tail is None else tail.double().mT)
         if b is not None:
             layer.bias = put(b.detach())
         if "act_scale" in tensors and layer.a_bits < 16:
             layer.act_scale = put(tensors["act_scale"].float().clamp_min(ACT_SCALE_MIN))
             layer.act_mode, layer.calibrated = ACT_STATIC, True
             layer.act_percentile = q.get("act_percentile")
+        layer._refresh_dtype()
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Channels-major inside: one transpose in, one out. Block matmuls, the gather (a row
-        # gather of whole tokens' channels) and the matmul then need no other layout copy.
-        lead = x.shape[:-1]
-        h = _contiguous_as(x.reshape(-1, self.in_features).t(), self.compute_dtype)
-        if self.in1 is not None:
-            h = _blocks_t(h, self.in1, self.in1_tail)
-        if self.perm is not None:
-            h = h.index_select(0, self.perm)
-        if self.in2 is not None:
-            h = _blocks_t(h, self.in2, self.in2_tail)
+        # Channels-major inside (h = x^T, [in, T]): the gather is a row gather of whole
+        # channels, the block transforms batched matmuls, and the matmul weight-first, the
+        # fastest operand order on CPU. The layout changes ride on the first block transform
+        # and on the row restore where there are such (see `_blocks_from_rows`, `_restore_rows`).
+        lead, in_dtype = x.shape[:-1], x.dtype
+        h = self._transform(x.reshape(-1, self.in_features).float().contiguous())
         if self.observer is not None:
             self.observer(self, h.t())
+        scale = None
         if self.act_mode == ACT_DYNAMIC:
             # Per-token: the token's scale factors out of the matmul and is applied after it.
-            q, scale = self._quant_tokens(h)
-            y = self.kernel.linear_t(self, q).mul_(scale)
+            h, scale = self._quant_tokens(h)
         elif self.act_mode == ACT_STATIC:
             qmax = (1 << (self.a_bits - 1)) - 1
             s = self.act_scale.view(-1, 1)
-            y = self.kernel.linear_t(self, torch.div(h, s).round_().clamp_(-qmax - 1, qmax).mul_(s))
-        else:
-            y = self.kernel.linear_t(self, h)
+            h = torch.div(h, s).round_().clamp_(-qmax - 1, qmax).mul_(s)
+        y = self.kernel.linear_t(self, h)
+        # int8 returns its input's dtype; dense and int4 their matmul's (the model's dtype, or
+        # autocast's).
+        out_dtype = in_dtype if self.backend is Backend.INT8 else y.dtype
+        # Before the restore: the token scale commutes with it, and the bias is stored rotated
+        # back, so both take one float32 pass here.
+        if scale is not None and self.bias is not None:
+            y = torch.addcmul(self.bias.view(-1, 1), y, scale)
+        elif scale is not None:
+            y = torch.mul(y, scale)
+        elif self.bias is not None:
+            y = torch.add(y, self.bias.view(-1, 1))
         if self.out is not None:
-            y = _blocks_t(y, self.out, self.out_tail)
-        if self.bias is not None:
-            y = y.add_(self.bias.view(-1, 1))
-        # int8 computes in float32 and returns the input's dtype; dense and int4 return their
-        # matmul's (the model's dtype, or autocast's).
-        out_dtype = x.dtype if self.backend is Backend.INT8 else y.dtype
-        return _contiguous_as(y.t(), out_dtype).view(*lead, self.out_features)
+            y = _restore_rows(y, self.out, self.out_tail, out_dtype)
+        else:
+            y = contiguous_as(y.t(), out_dtype)
+        return y.view(*lead, self.out_features)
+
+    def _transform(self, x: torch.Tensor) -> torch.Tensor:
+        """Row-major float32 x [T, in] -> channels-major transformed h [in, T]. A leading
+        permutation is a row-major gather (contiguous in x), so the one transpose rides on the
+        first block transform in every case but the bare permutation."""
+        if self.in1 is not None:
+            h = _blocks_from_rows(x, self.in1, self.in1_tail)
+            if self.perm is not None:
+                h = h.index_select(0, self.perm)
+            return h if self.in2 is None else _blocks_t(h, self.in2, self.in2_tail)
+        if self.perm is not None:
+            x = x.index_select(1, self.perm)
+        if self.in2 is not None:
+            return _blocks_from_rows(x, self.in2, self.in2_tail)
+        return x.t().contiguous()
 
     def _quant_tokens(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h [in, T] -> (integer-valued codes centred on 0, per-token scale [1, T]).
 
-        The same rounding as `math.quantize.fake_quant_per_token`; the scale's floor 1e-8 is
-        raised to float16's smallest normal in float16, where 1e-8 is 0 (and 0 / 0 NaN).
+        The same rounding as `math.quantize.fake_quant_per_token`, in float32.
         """
-        eps = max(1e-8, torch.finfo(h.dtype).tiny)
+        eps = 1e-8
         if self.act_asym:
             qmax = (1 << self.a_bits) - 1
             lo = h.amin(0, keepdim=True).clamp(max=0) * self.act_clip
@@ -261,19 +320,39 @@ class DuQuantLinear(nn.Module):
             q = torch.div(h, scale).add_(zero).round_().clamp_(0, qmax).sub_(zero)
             return q, scale
         qmax = (1 << (self.a_bits - 1)) - 1
-        # max|x| without an |x| temporary (vector_norm(inf) and aminmax are slower on CPU)
-        amax = torch.maximum(h.amax(0, keepdim=True), -h.amin(0, keepdim=True))
-        scale = (amax * (self.act_clip / qmax)).clamp_min(eps)
+        # max|x| without an |x| temporary (vector_norm(inf) and aminmax are slower on CPU); the
+        # small [1, T] ops run in place.
+        amax = torch.maximum(h.amax(0, keepdim=True), h.amin(0, keepdim=True).neg_())
+        scale = amax.mul_(self.act_clip / qmax).clamp_min_(eps)
         q = torch.div(h, scale).round_()
         # Unclipped, |h / scale| <= qmax already; only a clipped range needs the clamp.
         return (q.clamp_(-qmax - 1, qmax) if self.act_clip < 1.0 else q), scale
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        """The dtype the transforms and activation quantization run in: the floating buffers'
-        (`model.to` casts them). int8 holds float32 transforms whatever the model's dtype; the layer
-        returns its input's dtype."""
-        return next(b.dtype for b in self.buffers(recurse=False) if b.is_floating_point())
+        """The matmul's float dtype: the dense weight's, int4's scales'; float32 for int8 (whose
+        rescale is float32). Cached (a forward reads it) and refreshed by `_apply`."""
+        return self._compute_dtype
+
+    def _refresh_dtype(self) -> None:
+        weights = (
+            b
+            for f, b in self._buffers.items()
+            if b is not None and b.is_floating_point() and f not in FLOAT32_FIELDS
+        )
+        self._compute_dtype = next((b.dtype for b in weights), torch.float32)
+
+    def _apply(self, fn, recurse: bool = True):  # nn.Module's signature
+        """`model.to(dtype)` casts the weight; the float32 buffers are only moved, from their
+        float32 values (a float32 -> bfloat16 -> float32 round trip would lose bits)."""
+        kept = {f: self._buffers[f] for f in FLOAT32_FIELDS if self._buffers.get(f) is not None}
+        self._buffers.update(dict.fromkeys(kept))
+        super()._apply(fn, recurse)
+        for f, t in kept.items():
+            moved = fn(t)
+            self._buffers[f] = moved if moved.dtype == t.dtype else t.to(moved.device)
+        self._refresh_dtype()
+        return self
 
     def check_static_ok(self) -> None:
         """Static per-channel activation scales do not factor out of an integer matmul."""
@@ -289,7 +368,7 @@ class DuQuantLinear(nn.Module):
         if scale is not None and self.act_scale is None and self.a_bits < 16:
             self.check_static_ok()
             dev = self.weight.device
-            self.act_scale = scale.new_empty(scale.shape, device=dev, dtype=self.compute_dtype)
+            self.act_scale = scale.new_empty(scale.shape, device=dev, dtype=torch.float32)
             self.act_mode, self.calibrated = ACT_STATIC, True
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, *args)
 

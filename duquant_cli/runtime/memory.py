@@ -38,13 +38,11 @@ def layer_bytes(
     `fields` maps the pack's tensor fields to their shapes. Mirrors from_pack and the kernels:
     dense dequantizes the weight once to [out, in] in `dtype`; int8 keeps int8 codes and float32
     per-channel scales; int4 keeps torch's packed layout (half a byte a weight) and a scale and
-    zero per kernel group in `dtype`. Transforms, bias and static scales are in `dtype`, in
-    float32 for int8; the permutation is int64; output blocks are dropped
-    unless rows are restored.
+    zero per kernel group in `dtype`. Transforms, bias and static scales are float32 in every
+    dtype; the permutation is int64; output blocks are dropped unless rows are restored.
     """
     size = DTYPE_BYTES[dtype]
-    # transforms, bias and static scales: float32 for int8 (see from_pack)
-    fsize = DTYPE_BYTES["float32"] if backend == "int8" else size
+    fsize = DTYPE_BYTES["float32"]  # transforms, bias and static scales (see from_pack)
     if backend == "dense":
         n = out_features * in_features * size
     elif backend == "int8":

@@ -1,0 +1,61 @@
+"""`duquant bench`: what it measures and reports (never how fast: timings are not asserted)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from duquant_cli.commands.bench import bench, bench_compile, bench_pack
+from tests.commands.kinds import run
+
+
+def test_forward_rows_cover_every_backend_and_memory_counts_buffers() -> None:
+    res = bench(shapes=((64, 128),), tokens=(1, 5), repeats=1)
+    rows = {(r["dtype"], r["tokens"]): r for r in res.forward}
+    assert rows.keys() == {(d, t) for d in ("float32", "bfloat16") for t in (1, 5)}
+    for (dtype, _), r in rows.items():
+        want = {"dense", "int8"} | ({"int4"} if dtype == "bfloat16" else set())
+        assert {k.removesuffix("_ratio") for k in r if k.endswith("_ratio")} == want
+        assert all(r[f"{b}_us"] > 0 for b in want) and r["linear_us"] > 0
+    mem = {(r["backend"], r["dtype"]): r for r in res.memory}
+    # dense: the [out, in] weight in the dtype, plus float32 transforms and the int64 perm
+    w = 64 * 128
+    extra = (128 * 16 + 64 * 16) * 4 + 128 * 8
+    assert mem["dense", "float32"]["bytes"] == w * 4 + extra
+    assert mem["dense", "bfloat16"]["bytes"] == w * 2 + extra
+    assert mem["int8", "float32"]["bytes"] == w + 64 * 4 + extra
+    assert mem["int4", "bfloat16"]["vs_bf16_weight"] < mem["int8", "bfloat16"]["vs_bf16_weight"]
+
+
+def test_compiled_rows_compute_what_eager_does() -> None:
+    rows = bench_compile(shapes=((64, 128),), tokens=5, dtypes=(torch.float32,), repeats=1)
+    assert len(rows) == 1
+    assert rows[0]["max_abs_diff"] < 1e-5 and rows[0]["compile_s"] > 0
+
+
+def test_small_pack_reports_size_rss_and_the_generation_peak_apart() -> None:
+    r = bench_pack(small=True)
+    assert r["params"] == 2 * sum(o * n for o, n in _pi05_shapes()) // 16
+    assert 0 < r["pack_bytes"] < 2 * r["params"]  # w4: well under the bf16 weights
+    assert r["peak_rss_mb"] >= r["generate_peak_rss_mb"] > 0
+    assert len(r["slowest_layers"]) == 3
+
+
+def _pi05_shapes():
+    from duquant_cli.commands.bench import PI05_EXPERT, PI05_LM
+
+    return [*PI05_LM.values(), *PI05_EXPERT.values()]
+
+
+def test_cli_json() -> None:
+    threads = torch.get_num_threads()
+    try:
+        args = ("--part", "forward", "--small", "--repeats", "1", "--threads", "1", "--json")
+        res = run("bench", *args)
+    finally:
+        torch.set_num_threads(threads)  # --threads sets the process's: restore it for other tests
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["threads"] == 1
+    assert {tuple(r["shape"]) for r in out["forward"]} == {(512, 512), (512, 4096), (4096, 512)}
