@@ -52,21 +52,29 @@ def bench_cmd(
     _print(result)
 
 
+def _table(title: str, columns: tuple[str, ...], rows) -> Table:
+    t = Table(title=title)
+    for c in columns:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*r)
+    return t
+
+
+def _shape(r: dict) -> str:
+    return "x".join(map(str, r["shape"]))
+
+
 def _print(result: dict) -> None:
     if "layer_pack" in result:
-        t = Table(title="pack time per layer")
-        for c in ("shape", "seconds", "MB/s (fp32 source)"):
-            t.add_column(c)
-        for r in result["layer_pack"]:
-            t.add_row("x".join(map(str, r["shape"])), f"{r['seconds']:.2f}", f"{r['mb_per_s']:.0f}")
-        out.print(t)
-        t = Table(title="forward: time / nn.Linear time at the same dtype (median, interleaved)")
+        rows = (
+            (_shape(r), f"{r['seconds']:.2f}", f"{r['mb_per_s']:.0f}") for r in result["layer_pack"]
+        )
+        out.print(_table("pack time per layer", ("shape", "seconds", "MB/s (fp32 source)"), rows))
         backends = ("dense", "int8", "int4")
-        for c in ("shape", "dtype", "tokens", "nn.Linear us", *backends, "1st/2nd (nn.Linear)"):
-            t.add_column(c)
-        for r in result["forward"]:
-            t.add_row(
-                "x".join(map(str, r["shape"])),
+        rows = (
+            (
+                _shape(r),
                 r["dtype"],
                 str(r["tokens"]),
                 f"{r['linear_us']:.0f}",
@@ -74,34 +82,38 @@ def _print(result: dict) -> None:
                 f"{r['first_us'] / r['second_us']:.2f} "
                 f"({r['linear_first_us'] / r['linear_second_us']:.2f})",
             )
-        out.print(t)
-        t = Table(title="memory per layer")
-        for c in ("shape", "backend", "dtype", "bytes", "vs nn.Linear same dtype", "vs bf16 w"):
-            t.add_column(c)
-        for r in result["memory"]:
-            t.add_row(
-                "x".join(map(str, r["shape"])),
+            for r in result["forward"]
+        )
+        cols = ("shape", "dtype", "tokens", "nn.Linear us", *backends, "1st/2nd (nn.Linear)")
+        title = "forward: time / nn.Linear time at the same dtype (median, interleaved)"
+        out.print(_table(title, cols, rows))
+        rows = (
+            (
+                _shape(r),
                 r["backend"],
                 r["dtype"],
                 f"{r['bytes']:,}",
                 f"{r['vs_linear_same_dtype']:.3f}",
                 f"{r['vs_bf16_weight']:.3f}",
             )
-        out.print(t)
+            for r in result["memory"]
+        )
+        cols = ("shape", "backend", "dtype", "bytes", "vs nn.Linear same dtype", "vs bf16 w")
+        out.print(_table("memory per layer", cols, rows))
     if "compile" in result:
-        t = Table(title="torch.compile(fullgraph=True), dense: time / eager time (median)")
-        for c in ("shape", "dtype", "tokens", "eager / nn.Linear", "compiled / eager", "compile s"):
-            t.add_column(c)
-        for c in result["compile"]:
-            t.add_row(
-                "x".join(map(str, c["shape"])),
+        rows = (
+            (
+                _shape(c),
                 c["dtype"],
                 str(c["tokens"]),
                 f"{c['eager_us'] / c['linear_us']:.3f}",
                 f"{c['compiled_vs_eager']:.3f}",
                 f"{c['compile_s']:.1f}",
             )
-        out.print(t)
+            for c in result["compile"]
+        )
+        cols = ("shape", "dtype", "tokens", "eager / nn.Linear", "compiled / eager", "compile s")
+        out.print(_table("torch.compile(fullgraph=True), dense (median)", cols, rows))
     if "pack" in result:
         p = result["pack"]
         t = Table(title=f"pack: {p['checkpoint']}", show_header=False)
