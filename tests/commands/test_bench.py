@@ -48,14 +48,19 @@ def _pi05_shapes():
     return [*PI05_LM.values(), *PI05_EXPERT.values()]
 
 
-def test_cli_json() -> None:
+def test_cli_json_and_tables() -> None:
     threads = torch.get_num_threads()
+    args = ("bench", "--part", "forward", "--small", "--repeats", "1", "--threads", "1")
     try:
-        args = ("--part", "forward", "--small", "--repeats", "1", "--threads", "1", "--json")
-        res = run("bench", *args)
+        res = run(*args, "--json")
+        text = run(*args)
     finally:
         torch.set_num_threads(threads)  # --threads sets the process's: restore it for other tests
     assert res.exit_code == 0, res.output
     out = json.loads(res.output)
     assert out["threads"] == 1
     assert {tuple(r["shape"]) for r in out["forward"]} == {(512, 512), (512, 4096), (4096, 512)}
+    assert text.exit_code == 0, text.output
+    for title in ("pack time per layer", "forward: time / nn.Linear", "memory per layer"):
+        assert title in text.output
+    assert "4096x512" in text.output and "int4" in text.output
