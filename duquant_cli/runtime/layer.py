@@ -153,6 +153,9 @@ class DuQuantLinear(nn.Module):
     only a consumer that absorbs R makes the model exact.
     """
 
+    # State dict layout: 2 stores `out` untransposed and `bias` rotated back by the restore.
+    _version = 2
+
     def __init__(
         self,
         in_features: int,
@@ -371,7 +374,16 @@ class DuQuantLinear(nn.Module):
             )
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, *args) -> None:
-        """A state dict holding calibrated scales loads into a layer that has none yet."""
+        """A state dict holding calibrated scales loads into a layer that has none yet. One saved
+        by an earlier layer format (other meaning of `out` and `bias`) is refused, not misread."""
+        version = local_metadata.get("version")
+        if version is not None and version < self._version:
+            args[-1].append(  # error_msgs: load_state_dict raises with every module's
+                f"{prefix}: state dict of DuQuant layer format {version}, this is "
+                f"{self._version} (the restore blocks and bias are stored differently): load "
+                f"the pack with load_packed again instead"
+            )
+            return
         scale = state_dict.get(prefix + "act_scale")
         if scale is not None and self.act_scale is None and self.a_bits < 16:
             self.check_static_ok()

@@ -150,6 +150,19 @@ def test_state_dict_round_trip_into_a_fresh_model(tmp_path: Path, packed) -> Non
         assert torch.equal(fresh(x), want)
 
 
+def test_state_dict_of_an_earlier_layer_format_is_refused(tmp_path: Path, packed) -> None:
+    base, out = packed
+    model = clone_model(base)
+    load_packed(model, out, backend="dense")
+    state = model.state_dict()
+    assert state._metadata["proj"]["version"] == 2
+    state._metadata["proj"]["version"] = 1
+    fresh = clone_model(base)
+    load_packed(fresh, out, backend="dense")
+    with pytest.raises(RuntimeError, match=r"proj\.: state dict of DuQuant layer format 1"):
+        fresh.load_state_dict(state)
+
+
 # --- refusals: one error listing every problem, the model untouched --------------------------
 
 
