@@ -6,9 +6,9 @@ quantization, the matmul, the row restore (or not), the bias. No Python branchin
 values, so `torch.compile(fullgraph=True)` traces it whole.
 
 Everything but the matmul runs in float32 whatever the model's dtype: the transforms, the
-activation quantization, the scale, bias and restore. Those are a few small ops on activations,
-float32's are the fast ones on CPU (and on no device slow), and the quantization grid is then
-the same in every dtype. Only the matmul runs in the weight's dtype (or in integers).
+activation quantization, the scale, bias and restore. Those are a few small ops on activations;
+float32 ops are the fast ones on CPU and cheap anywhere, and the quantization grid is then the
+same in every dtype. Only the matmul runs in the weight's dtype (or in integers).
 """
 
 from __future__ import annotations
