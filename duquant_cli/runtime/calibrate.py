@@ -84,7 +84,7 @@ def calibrating(model: nn.Module, percentile: float = 99.9) -> Iterator[list[str
             continue
         qmax = (1 << (m.a_bits - 1)) - 1
         scale = (obs.value / qmax).clamp_min(ACT_SCALE_MIN)
-        m.act_scale = scale.to(device=m.weight.device, dtype=m.compute_dtype)
+        m.act_scale = scale.to(device=m.weight.device, dtype=torch.float32)  # FLOAT32_FIELDS
         m.act_mode, m.calibrated, m.act_percentile = ACT_STATIC, True, percentile
         calibrated.append(name)
 

@@ -149,3 +149,13 @@ def test_save_act_scales_needs_calibrated_layers(loaded) -> None:
     _, model, out = loaded
     with pytest.raises(PackError, match="no calibrated DuQuant layer of this pack in the model"):
         save_act_scales(model, out)
+
+
+def test_scales_calibrated_in_bfloat16_are_float32(loaded) -> None:
+    """Like the transforms, static scales stay float32 whatever the model's dtype."""
+    _, model, _ = loaded
+    model.to(torch.bfloat16)
+    with calibrating(model), torch.no_grad():
+        model.proj(_batches()[0].bfloat16())
+    assert model.proj.act_scale.dtype == torch.float32
+    assert model.proj.compute_dtype == torch.bfloat16
