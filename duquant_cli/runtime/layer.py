@@ -185,7 +185,6 @@ class DuQuantLinear(nn.Module):
         self.calibrated = False
         self.act_percentile: float | None = None
         self.observer: object | None = None
-        self._compute_dtype = torch.float32
         for f in ("perm", *_BLOCK_FIELDS, "weight", "bias", "act_scale"):
             self.register_buffer(f, None)
 
@@ -255,7 +254,6 @@ class DuQuantLinear(nn.Module):
             layer.act_scale = put(tensors["act_scale"].float().clamp_min(ACT_SCALE_MIN))
             layer.act_mode, layer.calibrated = ACT_STATIC, True
             layer.act_percentile = q.get("act_percentile")
-        layer._refresh_dtype()
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -346,16 +344,13 @@ class DuQuantLinear(nn.Module):
     @property
     def compute_dtype(self) -> torch.dtype:
         """The matmul's float dtype: the dense weight's, int4's scales'; float32 for int8 (whose
-        rescale is float32). Cached (a forward reads it) and refreshed by `_apply`."""
-        return self._compute_dtype
-
-    def _refresh_dtype(self) -> None:
+        rescale is float32). Derived from the buffers, so `model.to` keeps it right."""
         weights = (
             b
             for f, b in self._buffers.items()
             if b is not None and b.is_floating_point() and f not in FLOAT32_FIELDS
         )
-        self._compute_dtype = next((b.dtype for b in weights), torch.float32)
+        return next((b.dtype for b in weights), torch.float32)
 
     def _apply(self, fn, recurse: bool = True):  # nn.Module's signature
         """`model.to(dtype)` casts the weight; the float32 buffers are only moved, from their
@@ -366,7 +361,6 @@ class DuQuantLinear(nn.Module):
         for f, t in kept.items():
             moved = fn(t)
             self._buffers[f] = moved if moved.dtype == t.dtype else t.to(moved.device)
-        self._refresh_dtype()
         return self
 
     def check_static_ok(self) -> None:
