@@ -24,7 +24,9 @@ def bench_cmd(
     bits: Annotated[str, typer.Option(help="Precision of the packs measured.")] = "w4a8",
     block: Annotated[int, typer.Option(help="Block size.")] = 16,
     repeats: Annotated[int, typer.Option(help="Timed calls per case (median kept).")] = 20,
-    threads: Annotated[int | None, typer.Option(help="torch threads [torch default].")] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="torch threads (default: torch's own).")
+    ] = None,
     compile_: Annotated[
         bool, typer.Option("--compile", help="Also time torch.compile'd dense against eager.")
     ] = False,

@@ -20,11 +20,14 @@ def pack_cmd(
     ctx: typer.Context,
     checkpoint: Annotated[Path, typer.Argument(help="safetensors file, folder, index or .bin/.pt")],
     out_dir: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Pack folder [packs/<ckpt>-<bits>-b<B>]")
+        Path | None,
+        typer.Option("--out", "-o", help="Pack folder (default: packs/<ckpt>-<bits>-b<B>)."),
     ] = None,
     bits: Annotated[str, typer.Option(help="Precision wXaY: w 2-8|16, a 4-8|16")] = "w4a8",
     block: Annotated[int, typer.Option(help="Input block size of the rotations.")] = 16,
-    block_out: Annotated[int | None, typer.Option(help="Output row block size [--block].")] = None,
+    block_out: Annotated[
+        int | None, typer.Option(help="Output row block size (default: --block).")
+    ] = None,
     rotation: Annotated[Rotation, typer.Option(help="Block rotation kind.")] = Rotation.HADAMARD,
     row_rot: Annotated[RowRot, typer.Option(help="Output row rotation mode.")] = RowRot.RESTORE,
     permute: Annotated[bool, typer.Option(help="Zigzag permutation of input channels.")] = True,
@@ -32,7 +35,7 @@ def pack_cmd(
         float, typer.Option(help="Lambda pulling column energies toward their mean.")
     ] = 0.15,
     group_size: Annotated[
-        int | None, typer.Option(help="Weight quantization group size [per channel].")
+        int | None, typer.Option(help="Weight quantization group size (default: per channel).")
     ] = None,
     weight_scheme: Annotated[Scheme, typer.Option(help="Weight quantization.")] = Scheme.SYM,
     clip_search: Annotated[bool, typer.Option(help="MSE search of the weight clip.")] = True,

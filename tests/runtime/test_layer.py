@@ -315,3 +315,38 @@ def test_output_is_contiguous_and_views_like_nn_linear(tmp_path: Path, backend, 
         y = model.blocks[0]["up"](x)
     assert y.is_contiguous() and y.dtype == dtype and y.shape == (2, 5, 56)
     assert y.view(2, 5, 7, 8).shape == (2, 5, 7, 8)
+
+
+@pytest.mark.parametrize("n", [2048, 48, 50])
+def test_token_min_max_is_the_plain_reduction_at_any_token_count(n: int) -> None:
+    """The folded reduction (fast at token counts like 16 or 48) gives the plain one's values,
+    also where `in` does not divide into the fold (50)."""
+    gen = torch.Generator().manual_seed(n)
+    for t in (1, 2, 3, 16, 24, 48, 64, 100):
+        h = torch.randn(n, t, generator=gen)
+        lo, hi = layer_mod._token_min_max(h)
+        assert torch.equal(lo, h.amin(0, keepdim=True)), t
+        assert torch.equal(hi, h.amax(0, keepdim=True)), t
+
+
+@pytest.mark.parametrize("act_asym", [False, True], ids=["sym", "asym"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_dense_forward_is_per_token_at_every_token_count(
+    tmp_path: Path, dtype: torch.dtype, act_asym: bool
+) -> None:
+    """Few tokens run the matmul in nn.Linear's operand order, more run it weight-first: each
+    token's output is the one it gets alone (one token, weight-first GEMV) at any count."""
+    base = TinyNet(dims=(64, 96, 32))
+    model = clone_model(base, dims=(64, 96, 32)).to(dtype)
+    load_packed(model, make_pack(tmp_path, base), backend="dense")
+    layer = model.blocks[0]["up"]
+    layer.act_asym = act_asym
+    gen = torch.Generator().manual_seed(3)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for t in (2, 5, 16, 24, 64, 70):
+        x = torch.randn(t, 64, generator=gen).to(dtype)
+        with torch.no_grad():
+            y = layer(x)
+            alone = torch.cat([layer(x[i : i + 1]) for i in range(t)])
+        assert y.shape == (t, 96) and y.is_contiguous()
+        assert rel_err(y.float(), alone.float()) < tol, t
