@@ -346,16 +346,16 @@ class DuQuantLinear(nn.Module):
         if self.act_asym:
             qmax = (1 << self.a_bits) - 1
             lo, hi = _token_min_max(h)
-            lo, hi = lo.clamp_(max=0).mul_(self.act_clip), hi.clamp_(min=0).mul_(self.act_clip)
+            lo, hi = lo.clamp(max=0).mul_(self.act_clip), hi.clamp(min=0).mul_(self.act_clip)
             scale = ((hi - lo) / qmax).clamp_min(eps)
             zero = torch.round(-lo / scale)
             q = torch.div(h, scale).add_(zero).round_().clamp_(0, qmax).sub_(zero)
             return q, scale
         qmax = (1 << (self.a_bits - 1)) - 1
-        # max|x| without an |x| temporary (vector_norm(inf) and aminmax are slower on CPU); the
-        # small ops run in place.
+        # max|x| without an |x| temporary (vector_norm(inf) and aminmax are slower on CPU). The
+        # min and max stay unchanged (their backward reads them); the small ops after run in place.
         lo, hi = _token_min_max(h)
-        scale = torch.maximum(hi, lo.neg_()).mul_(self.act_clip / qmax).clamp_min_(eps)
+        scale = torch.maximum(hi, lo.neg()).mul_(self.act_clip / qmax).clamp_min_(eps)
         # In place where autograd does not need h: one activation-sized allocation fewer, which
         # at hundreds of tokens also spares the page faults of fresh memory.
         q = (torch.div(h, scale) if h.requires_grad else h.div_(scale)).round_()

@@ -350,3 +350,23 @@ def test_dense_forward_is_per_token_at_every_token_count(
             alone = torch.cat([layer(x[i : i + 1]) for i in range(t)])
         assert y.shape == (t, 96) and y.is_contiguous()
         assert rel_err(y.float(), alone.float()) < tol, t
+
+
+@pytest.mark.parametrize("act_asym", [False, True], ids=["sym", "asym"])
+def test_backward_through_dynamic_activation_quantization(tmp_path: Path, act_asym: bool) -> None:
+    """With autograd on, nothing its backward reads is changed in place (the per-token min and
+    max included), and the forward gives what it gives without autograd."""
+    base = TinyNet(dims=(64, 96, 32))
+    model = clone_model(base, dims=(64, 96, 32))
+    load_packed(model, make_pack(tmp_path, base), backend="dense")
+    layer = model.blocks[0]["up"]
+    layer.act_asym = act_asym
+    for t in (1, 5, 64):
+        x = torch.randn(t, 64, generator=torch.Generator().manual_seed(t))
+        with torch.no_grad():
+            want = layer(x)
+        xg = x.clone().requires_grad_(True)
+        y = layer(xg)
+        y.sum().backward()
+        assert torch.equal(y.detach(), want), t
+        assert xg.grad is not None and torch.isfinite(xg.grad).all() and xg.grad.abs().sum() > 0
