@@ -106,7 +106,8 @@ class DenseKernel:
 def _weight_first_from(dtype: torch.dtype) -> int:
     """Fewest tokens at which the dense matmul runs weight-first on channels-major activations.
     With fewer, that order ran 1.5-3.7x slower than nn.Linear's own (x @ W^T, on a row-major
-    copy of the few tokens); from there on it was as fast or faster (float32 up to 0.35x)."""
+    copy of the few tokens); from there on it was as fast or faster (float32 down to 0.33x
+    nn.Linear at 16 tokens). Measured on an EPYC (Zen 4) CPU."""
     return 16 if dtype == torch.float32 else 48
 
 
