@@ -45,7 +45,7 @@ def bench_cmd(
         fwd = bench(shapes=shapes, bits=bits, block=block, repeats=repeats)
         result |= {"layer_pack": fwd.pack, "forward": fwd.forward, "memory": fwd.memory}
         if compile_:
-            result["compile"] = bench_compile(shapes=shapes[:2], repeats=repeats)
+            result["compile"] = bench_compile(shapes=shapes, repeats=repeats)
     if part in (Part.ALL, Part.PACK):
         result["pack"] = bench_pack(small=small, block=block, bits=bits)
     if as_json:
@@ -110,11 +110,22 @@ def _print(result: dict) -> None:
                 str(c["tokens"]),
                 f"{c['eager_us'] / c['linear_us']:.3f}",
                 f"{c['compiled_vs_eager']:.3f}",
+                f"{c['compiled_vs_linear']:.3f}",
                 f"{c['compile_s']:.1f}",
+                f"{c['rel_diff']:.1e}",
             )
             for c in result["compile"]
         )
-        cols = ("shape", "dtype", "tokens", "eager / nn.Linear", "compiled / eager", "compile s")
+        cols = (
+            "shape",
+            "dtype",
+            "tokens",
+            "eager / nn.Linear",
+            "compiled / eager",
+            "compiled / nn.Linear",
+            "compile s",
+            "rel. diff",
+        )
         out.print(_table("torch.compile(fullgraph=True), dense (median)", cols, rows))
     if "pack" in result:
         p = result["pack"]

@@ -96,19 +96,30 @@ class DenseKernel:
     def linear_t(self, layer: DuQuantLinear, h: torch.Tensor) -> torch.Tensor:
         # Integer-valued h (or w16a16's float32): exact in the weight's dtype for 8-bit codes.
         w = layer.weight
-        if 1 < h.shape[1] < _weight_first_from(w.dtype):
+        if 1 < h.shape[1] < weight_first_from(w.dtype):
             # nn.Linear's operand order, returned as a transposed view: what follows reads
             # either layout.
             return torch.mm(contiguous_as(h.t(), w.dtype), w.t()).t()
         return torch.mm(w, h.to(w.dtype))
 
 
-def _weight_first_from(dtype: torch.dtype) -> int:
+def weight_first_from(dtype: torch.dtype) -> int:
     """Fewest tokens at which the dense matmul runs weight-first on channels-major activations.
     With fewer, that order ran 1.5-3.7x slower than nn.Linear's own (x @ W^T, on a row-major
     copy of the few tokens); from there on it was as fast or faster (float32 down to 0.33x
     nn.Linear at 16 tokens). Measured on an EPYC (Zen 4) CPU."""
     return 16 if dtype == torch.float32 else 48
+
+
+def rows_weight_first(dtype: torch.dtype, tokens: int, in_features: int) -> bool:
+    """The operand order of the compiled dense forward, which holds its activations row-major,
+    so either order costs no copy. Weight-first where the eager forward runs it, except for
+    half-precision layers with 4096 or more inputs: there nn.Linear's own order was faster
+    (weight-first 1.07-1.16x its time at 64-256 tokens, on the EPYC; 0.73-0.93x with 2048 or
+    fewer inputs, where weight-first stays)."""
+    if tokens < weight_first_from(dtype):
+        return False
+    return dtype == torch.float32 or in_features < 4096
 
 
 class Int8Kernel:

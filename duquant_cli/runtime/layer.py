@@ -23,7 +23,13 @@ from duquant_cli.formats.pack import LayerEntry
 from duquant_cli.math.bitpack import packed_cols
 from duquant_cli.math.blocks import apply_blocks
 from duquant_cli.math.permutation import is_permutation
-from duquant_cli.runtime.backends import KERNELS, Backend, choose_backend, contiguous_as
+from duquant_cli.runtime.backends import (
+    KERNELS,
+    Backend,
+    choose_backend,
+    contiguous_as,
+    rows_weight_first,
+)
 
 _BLOCK_FIELDS = ("in1", "in1_tail", "in2", "in2_tail", "out", "out_tail")
 # Held in float32 whatever the model's dtype: `model.to(dtype)` moves them but does not cast.
@@ -36,29 +42,28 @@ ACT_DYNAMIC, ACT_STATIC, ACT_NONE = "dynamic", "static", "none"
 ACT_SCALE_MIN = 2.0**-14
 
 
-def _blocks_t(h: torch.Tensor, blocks_t: torch.Tensor, tail_t: torch.Tensor | None) -> torch.Tensor:
-    """Channels-major x @ blockdiag(R, tail): h = x^T [n, T] -> [n, T], given the blocks already
-    transposed (R^T): one batched matmul (plus one mm for a tail block) writing its output in
-    place, with no transpose copy."""
+def _blocks_t(h: torch.Tensor, blocks: torch.Tensor, tail: torch.Tensor | None) -> torch.Tensor:
+    """Channels-major x @ blockdiag(R, tail): h = x^T [n, T] -> [n, T], one batched matmul (plus
+    one mm for a tail block) reading R transposed in place, with no transpose copy."""
     t = h.shape[1]
-    nb, b, _ = blocks_t.shape
+    nb, b, _ = blocks.shape
     head = nb * b
-    y = torch.bmm(blocks_t, h[:head].view(nb, b, t)).view(head, t)
-    return y if tail_t is None else torch.cat([y, torch.mm(tail_t, h[head:])], dim=0)
+    y = torch.bmm(blocks.mT, h[:head].view(nb, b, t)).view(head, t)
+    return y if tail is None else torch.cat([y, torch.mm(tail.t(), h[head:])], dim=0)
 
 
 def _blocks_from_rows(
-    x: torch.Tensor, blocks_t: torch.Tensor, tail_t: torch.Tensor | None
+    x: torch.Tensor, blocks: torch.Tensor, tail: torch.Tensor | None
 ) -> torch.Tensor:
     """Row-major x [T, n] -> channels-major (x @ blockdiag(R))^T [n, T]: one batched matmul
     reading x in place as [n_blocks, B, T] (strided), so the transpose costs no copy of its own."""
     t = x.shape[0]
-    nb, b, _ = blocks_t.shape
+    nb, b, _ = blocks.shape
     head = nb * b
-    y = torch.bmm(blocks_t, x[:, :head].view(t, nb, b).permute(1, 2, 0)).view(head, t)
-    if tail_t is None:
+    y = torch.bmm(blocks.mT, x[:, :head].view(t, nb, b).permute(1, 2, 0)).view(head, t)
+    if tail is None:
         return y
-    return torch.cat([y, torch.mm(tail_t, x[:, head:].t())], 0)
+    return torch.cat([y, torch.mm(tail.t(), x[:, head:].t())], 0)
 
 
 def _restore_rows(
@@ -97,6 +102,26 @@ def _token_min_max(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if k == 1:
         return lo, hi
     return lo.view(k, t).amin(0, keepdim=True), hi.view(k, t).amax(0, keepdim=True)
+
+
+def _rows_blocks(h: torch.Tensor, blocks: torch.Tensor, tail: torch.Tensor | None) -> torch.Tensor:
+    """Row-major h [T, n] @ blockdiag(R) as a product summed over each block: the form inductor
+    fuses with the gather before it into one loop, vectorized along R's rows (eagerly it would
+    materialize [T, n_blocks, B, B]; the eager forward uses `_blocks_from_rows`)."""
+    t = h.shape[0]
+    nb, b, _ = blocks.shape
+    head = nb * b
+    y = (h[:, :head].reshape(t, nb, b, 1) * blocks).sum(2).view(t, head)
+    return y if tail is None else torch.cat([y, torch.mm(h[:, head:], tail)], 1)
+
+
+def _rows_restore(y: torch.Tensor, blocks: torch.Tensor, tail: torch.Tensor | None) -> torch.Tensor:
+    """Row-major y' [T, out] @ blockdiag(out), in the form inductor fuses (see `_rows_blocks`)."""
+    t = y.shape[0]
+    nb, b, _ = blocks.shape
+    head = nb * b
+    z = (y[:, :head].reshape(t, nb, b, 1) * blocks).sum(2).view(t, head)
+    return z if tail is None else torch.cat([z, torch.mm(y[:, head:], tail)], 1)
 
 
 def _block_problems(refs: dict, field: str, dim: int) -> list[str]:
@@ -160,9 +185,10 @@ class DuQuantLinear(nn.Module):
     pre-transformed weight, then restored.
 
     Buffers (None when the pack has no such transform), all on one device:
-        perm: int64 [in]; in1, in2: [n_blocks, B, B], in1_tail, in2_tail: [t, t], each block
-        transposed (R^T) since the forward works channels-major (x^T, [in, T]);
-        out: [n_row_blocks, Bo, Bo], out_tail (restore mode only): the pack's blocks;
+        perm: int64 [in]; in1, in2: [n_blocks, B, B], in1_tail, in2_tail: [t, t];
+        out: [n_row_blocks, Bo, Bo], out_tail (restore mode only): the pack's blocks, as
+        stored (the channels-major eager forward reads the input blocks transposed in place;
+        the compiled one reads them as stored, the layout inductor vectorizes);
         bias: [out], rotated back by the restore's R^T (restore mode) or by the pack
         (propagate mode), so that it is added before the restore;
         act_scale: [in] static per-channel activation scales, in the transformed basis;
@@ -175,8 +201,9 @@ class DuQuantLinear(nn.Module):
     only a consumer that absorbs R makes the model exact.
     """
 
-    # State dict layout: 2 stores `out` untransposed and `bias` rotated back by the restore.
-    _version = 2
+    # State dict layout: 2 stores `out` untransposed and `bias` rotated back by the restore;
+    # 3 also stores the input blocks untransposed (2's are transposed on loading).
+    _version = 3
 
     def __init__(
         self,
@@ -251,11 +278,9 @@ class DuQuantLinear(nn.Module):
 
         if "perm" in tensors:
             layer.perm = tensors["perm"].to(device=device, dtype=torch.int64)
-        for f in ("in1", "in2"):  # stored transposed, as the channels-major forward applies them
+        for f in ("in1", "in1_tail", "in2", "in2_tail"):
             if f in tensors:
-                setattr(layer, f, put(tensors[f]).mT.contiguous())
-                if f + "_tail" in tensors:
-                    setattr(layer, f + "_tail", put(tensors[f + "_tail"]).mT.contiguous())
+                setattr(layer, f, put(tensors[f]))
         restore = row_rot == "restore" and "out" in tensors
         if restore:
             layer.out = put(tensors["out"])
@@ -284,13 +309,15 @@ class DuQuantLinear(nn.Module):
         # fastest operand order on CPU. The layout changes ride on the first block transform
         # and on the row restore where there are such (see `_blocks_from_rows`, `_restore_rows`).
         lead, in_dtype = x.shape[:-1], x.dtype
+        if self.backend is Backend.DENSE and torch.compiler.is_compiling():
+            return self.forward_rows(x.reshape(-1, self.in_features)).view(*lead, self.out_features)
         h = self._transform(x.reshape(-1, self.in_features))
         if self.observer is not None:
             self.observer(self, h.t())
         scale = None
         if self.act_mode == ACT_DYNAMIC:
             # Per-token: the token's scale factors out of the matmul and is applied after it.
-            h, scale = self._quant_tokens(h)
+            h, scale = self._quant_tokens(h, *_token_min_max(h))
         elif self.act_mode == ACT_STATIC:
             qmax = (1 << (self.a_bits - 1)) - 1
             s = self.act_scale.view(-1, 1)
@@ -337,15 +364,17 @@ class DuQuantLinear(nn.Module):
             h = h.index_select(0, perm)
         return h if in2 is None else _blocks_t(h, in2, self.in2_tail)
 
-    def _quant_tokens(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """h [in, T] -> (integer-valued codes centred on 0, per-token scale [1, T]).
+    def _quant_tokens(
+        self, h: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """h and its per-token (min, max) -> (integer-valued codes centred on 0, per-token scale
+        shaped like lo), for either layout.
 
         The same rounding as `math.quantize.fake_quant_per_token`, in float32.
         """
         eps = 1e-8
         if self.act_asym:
             qmax = (1 << self.a_bits) - 1
-            lo, hi = _token_min_max(h)
             lo, hi = lo.clamp(max=0).mul_(self.act_clip), hi.clamp(min=0).mul_(self.act_clip)
             scale = ((hi - lo) / qmax).clamp_min(eps)
             zero = torch.round(-lo / scale)
@@ -354,13 +383,48 @@ class DuQuantLinear(nn.Module):
         qmax = (1 << (self.a_bits - 1)) - 1
         # max|x| without an |x| temporary (vector_norm(inf) and aminmax are slower on CPU). The
         # min and max stay unchanged (their backward reads them); the small ops after run in place.
-        lo, hi = _token_min_max(h)
         scale = torch.maximum(hi, lo.neg()).mul_(self.act_clip / qmax).clamp_min_(eps)
         # In place where autograd does not need h: one activation-sized allocation fewer, which
         # at hundreds of tokens also spares the page faults of fresh memory.
         q = (torch.div(h, scale) if h.requires_grad else h.div_(scale)).round_()
         # Unclipped, |h / scale| <= qmax already; only a clipped range needs the clamp.
         return (q.clamp_(-qmax - 1, qmax) if self.act_clip < 1.0 else q), scale
+
+    def forward_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The dense forward for torch.compile: row-major x [T, in] -> [T, out], the same math
+        as `forward` written for inductor to fuse (gather, block transforms and quantization
+        into one loop, the restore with the scale and cast into another), where eagerly each op
+        would be its own pass. Row-major, the matmul takes either operand order at no cost
+        (`rows_weight_first` picks it)."""
+        h = x.to(torch.float32, copy=True)  # quantized in place below: never the caller's x
+        if self.in1 is not None:
+            h = _rows_blocks(h, self.in1, self.in1_tail)
+        if self.perm is not None:
+            h = h.index_select(1, self.perm)
+        if self.in2 is not None:
+            h = _rows_blocks(h, self.in2, self.in2_tail)
+        scale = None
+        if self.act_mode == ACT_DYNAMIC:
+            h, scale = self._quant_tokens(h, h.amin(1, keepdim=True), h.amax(1, keepdim=True))
+        elif self.act_mode == ACT_STATIC:
+            qmax = (1 << (self.a_bits - 1)) - 1
+            s = self.act_scale.view(1, -1)
+            h = torch.div(h, s).round_().clamp_(-qmax - 1, qmax).mul_(s)
+        w = self.weight
+        if rows_weight_first(w.dtype, h.shape[0], self.in_features):
+            y = torch.mm(w, h.t().to(w.dtype)).t()
+        else:
+            y = torch.mm(h.to(w.dtype), w.t())
+        out_dtype = y.dtype
+        if scale is not None and self.bias is not None:
+            y = torch.addcmul(self.bias, y, scale)
+        elif scale is not None:
+            y = torch.mul(y, scale)
+        elif self.bias is not None:
+            y = torch.add(y, self.bias)
+        if self.out is not None:
+            y = _rows_restore(y.float(), self.out, self.out_tail)
+        return contiguous_as(y, out_dtype)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -394,9 +458,14 @@ class DuQuantLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, *args) -> None:
         """A state dict holding calibrated scales loads into a layer that has none yet. One saved
-        by an earlier layer format (other meaning of `out` and `bias`) is refused, not misread."""
+        by format 2 has its input blocks transposed back; an earlier one (other meaning of `out`
+        and `bias`) is refused, not misread."""
         version = local_metadata.get("version")
-        if version is not None and version < self._version:
+        if version == 2:  # input blocks stored as R^T
+            for f in ("in1", "in1_tail", "in2", "in2_tail"):
+                if prefix + f in state_dict:
+                    state_dict[prefix + f] = state_dict[prefix + f].mT
+        elif version is not None and version < self._version:
             args[-1].append(  # error_msgs: load_state_dict raises with every module's
                 f"{prefix}: state dict of DuQuant layer format {version}, this is "
                 f"{self._version} (the restore blocks and bias are stored differently): load "

@@ -31,7 +31,7 @@ def test_forward_rows_cover_every_backend_and_memory_counts_buffers() -> None:
 def test_compiled_rows_compute_what_eager_does() -> None:
     rows = bench_compile(shapes=((64, 128),), tokens=5, dtypes=(torch.float32,), repeats=1)
     assert len(rows) == 1
-    assert rows[0]["max_abs_diff"] < 1e-5 and rows[0]["compile_s"] > 0
+    assert rows[0]["rel_diff"] < 1e-3 and rows[0]["compile_s"] > 0
 
 
 def test_small_pack_reports_size_rss_and_the_generation_peak_apart() -> None:

@@ -155,12 +155,34 @@ def test_state_dict_of_an_earlier_layer_format_is_refused(tmp_path: Path, packed
     model = clone_model(base)
     load_packed(model, out, backend="dense")
     state = model.state_dict()
-    assert state._metadata["proj"]["version"] == 2
+    assert state._metadata["proj"]["version"] == 3
     state._metadata["proj"]["version"] = 1
     fresh = clone_model(base)
     load_packed(fresh, out, backend="dense")
     with pytest.raises(RuntimeError, match=r"proj\.: state dict of DuQuant layer format 1"):
         fresh.load_state_dict(state)
+
+
+def test_state_dict_of_layer_format_2_loads(tmp_path: Path, packed) -> None:
+    """Format 2 held the input blocks transposed: they are transposed back on loading."""
+    base, out = packed
+    model = clone_model(base)
+    load_packed(model, out, backend="dense")
+    x = torch.randn(3, 40)
+    with torch.no_grad():
+        want = model(x)
+    state = model.state_dict()
+    for name in LINEARS:
+        state._metadata[name]["version"] = 2
+        for f in ("in1", "in1_tail", "in2", "in2_tail"):
+            if f"{name}.{f}" in state:
+                state[f"{name}.{f}"] = state[f"{name}.{f}"].mT.contiguous()
+    assert not torch.equal(state["proj.in2"], model.proj.in2)
+    fresh = TinyNet(seed=1)
+    load_packed(fresh, out, backend="dense")
+    fresh.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), want)
 
 
 # --- refusals: one error listing every problem, the model untouched --------------------------
