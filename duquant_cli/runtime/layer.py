@@ -311,7 +311,10 @@ class DuQuantLinear(nn.Module):
         # fastest operand order on CPU. The layout changes ride on the first block transform
         # and on the row restore where there are such (see `_blocks_from_rows`, `_restore_rows`).
         lead, in_dtype = x.shape[:-1], x.dtype
-        if self.backend is Backend.DENSE and torch.compiler.is_compiling():
+        # Compiled, the dense layer traces the form inductor fuses (`forward_rows`); calibration
+        # (an observer) stays on this path, whose recorder sees the channels-major h.
+        compiled = torch.compiler.is_compiling() and self.observer is None
+        if compiled and self.backend is Backend.DENSE:
             return self.forward_rows(x.reshape(-1, self.in_features)).view(*lead, self.out_features)
         h = self._transform(x.reshape(-1, self.in_features))
         if self.observer is not None:
