@@ -122,6 +122,14 @@ def rows_weight_first(dtype: torch.dtype, tokens: int, in_features: int) -> bool
     return dtype == torch.float32 or in_features < 4096
 
 
+def rows_eagerly(dtype: torch.dtype, tokens: int, in_features: int) -> bool:
+    """Whether the eager dense forward runs row-major as well: where the row-major matmul takes
+    nn.Linear's order from `weight_first_from` tokens on, which the channels-major forward
+    could only reach through a slow transposing copy. For bfloat16 2048x16384 at 64 tokens
+    that measured 1.26x nn.Linear against 1.43x channels-major (EPYC)."""
+    return tokens >= weight_first_from(dtype) and not rows_weight_first(dtype, tokens, in_features)
+
+
 class Int8Kernel:
     """int8 weight codes and `torch._int_mm(weight, activations)`: weight-first, since that
     operand order is also the right one for a single token (the other order returns wrong

@@ -28,6 +28,7 @@ from duquant_cli.runtime.backends import (
     Backend,
     choose_backend,
     contiguous_as,
+    rows_eagerly,
     rows_weight_first,
 )
 
@@ -107,23 +108,20 @@ def _token_min_max(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _rows_blocks(h: torch.Tensor, blocks: torch.Tensor, tail: torch.Tensor | None) -> torch.Tensor:
-    """Row-major h [T, n] @ blockdiag(R) as a product summed over each block: the form inductor
-    fuses with the gather before it into one loop, vectorized along R's rows (eagerly it would
-    materialize [T, n_blocks, B, B]; the eager forward uses `_blocks_from_rows`)."""
+    """Row-major h [T, n] -> h @ blockdiag(R, tail) [T, n]. Compiled, as a product summed over
+    each block: the form inductor fuses with what comes before into one loop, vectorized along
+    R's rows. Eagerly (where that product would materialize [T, n_blocks, B, B]), one batched
+    matmul over h's rows viewed [n_blocks, T, B], then one copy with contiguous runs of B."""
     t = h.shape[0]
     nb, b, _ = blocks.shape
     head = nb * b
-    y = (h[:, :head].reshape(t, nb, b, 1) * blocks).sum(2).view(t, head)
+    hv = h[:, :head].reshape(t, nb, b)
+    if torch.compiler.is_compiling():
+        y = (hv.unsqueeze(-1) * blocks).sum(2).view(t, head)
+    else:
+        y = h.new_empty(t, head)
+        y.view(t, nb, b).copy_(torch.bmm(hv.transpose(0, 1), blocks).transpose(0, 1))
     return y if tail is None else torch.cat([y, torch.mm(h[:, head:], tail)], 1)
-
-
-def _rows_restore(y: torch.Tensor, blocks: torch.Tensor, tail: torch.Tensor | None) -> torch.Tensor:
-    """Row-major y' [T, out] @ blockdiag(out), in the form inductor fuses (see `_rows_blocks`)."""
-    t = y.shape[0]
-    nb, b, _ = blocks.shape
-    head = nb * b
-    z = (y[:, :head].reshape(t, nb, b, 1) * blocks).sum(2).view(t, head)
-    return z if tail is None else torch.cat([z, torch.mm(y[:, head:], tail)], 1)
 
 
 def _block_problems(refs: dict, field: str, dim: int) -> list[str]:
@@ -311,12 +309,15 @@ class DuQuantLinear(nn.Module):
         # fastest operand order on CPU. The layout changes ride on the first block transform
         # and on the row restore where there are such (see `_blocks_from_rows`, `_restore_rows`).
         lead, in_dtype = x.shape[:-1], x.dtype
-        # Compiled, the dense layer traces the form inductor fuses (`forward_rows`); calibration
-        # (an observer) stays on this path, whose recorder sees the channels-major h.
-        compiled = torch.compiler.is_compiling() and self.observer is None
-        if compiled and self.backend is Backend.DENSE:
-            return self.forward_rows(x.reshape(-1, self.in_features)).view(*lead, self.out_features)
-        h = self._transform(x.reshape(-1, self.in_features))
+        x = x.reshape(-1, self.in_features)
+        # Compiled, the dense layer traces the form inductor fuses (`forward_rows`), and runs it
+        # eagerly where its matmul order is the faster one; calibration (an observer) stays on
+        # this path, whose recorder sees the channels-major h.
+        if self.backend is Backend.DENSE and self.observer is None:
+            w = self.weight
+            if torch.compiler.is_compiling() or rows_eagerly(w.dtype, x.shape[0], w.shape[1]):
+                return self.forward_rows(x).view(*lead, self.out_features)
+        h = self._transform(x)
         if self.observer is not None:
             self.observer(self, h.t())
         scale = None
@@ -396,11 +397,11 @@ class DuQuantLinear(nn.Module):
         return (q.clamp_(-qmax - 1, qmax) if self.act_clip < 1.0 else q), scale
 
     def forward_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """The dense forward for torch.compile: row-major x [T, in] -> [T, out], the same math
-        as `forward` written for inductor to fuse (gather, block transforms and quantization
-        into one loop, the restore with the scale and cast into another), where eagerly each op
-        would be its own pass. Row-major, the matmul takes either operand order at no cost
-        (`rows_weight_first` picks it)."""
+        """The dense forward row-major, x [T, in] -> [T, out]: the same math as `forward`,
+        written for torch.compile, where inductor fuses it (gather, block transforms and
+        quantization into one loop, the restore with the scale and cast into another), and run
+        eagerly where its matmul order is the faster one (`rows_eagerly`). Row-major, the matmul
+        takes either operand order at no cost (`rows_weight_first` picks it)."""
         h = x.to(torch.float32, copy=True)  # quantized in place below: never the caller's x
         if self.in1 is not None:
             h = _rows_blocks(h, self.in1, self.in1_tail)
@@ -428,7 +429,7 @@ class DuQuantLinear(nn.Module):
         elif self.bias is not None:
             y = torch.add(y, self.bias)
         if self.out is not None:
-            y = _rows_restore(y.float(), self.out, self.out_tail)
+            y = _rows_blocks(y.float(), self.out, self.out_tail)
         return contiguous_as(y, out_dtype)
 
     @property

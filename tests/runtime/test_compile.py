@@ -78,8 +78,9 @@ def test_compile_fullgraph_matches_eager(tmp_path: Path) -> None:
 def test_compiled_form_computes_the_eager_forward(
     tmp_path: Path, case: str, dtype: torch.dtype, dims
 ) -> None:
-    """`forward_rows`, the form torch.compile traces for the dense backend, called eagerly:
-    what the eager forward computes, for every transform, tail, row mode and activation mode."""
+    """`forward_rows`, the row-major form torch.compile traces for the dense backend, called
+    eagerly: what the channels-major forward computes, for every transform, tail, row mode and
+    activation mode."""
     cfg = dict(ROWS_CASES[case])
     base = TinyNet(dims=dims)
     stats = tiny_stats(base) if cfg.get("calibrated") else None

@@ -16,7 +16,7 @@ from duquant_cli.formats.pack import Pack
 from duquant_cli.math.bitpack import unpack_codes
 from duquant_cli.math.quantize import dequantize
 from duquant_cli.runtime import layer as layer_mod
-from duquant_cli.runtime.backends import Backend
+from duquant_cli.runtime.backends import Backend, rows_eagerly
 from duquant_cli.runtime.calibrate import calibrating
 from duquant_cli.runtime.layer import DuQuantLinear, entry_problems
 from duquant_cli.runtime.loader import load_packed
@@ -350,6 +350,29 @@ def test_dense_forward_is_per_token_at_every_token_count(
             alone = torch.cat([layer(x[i : i + 1]) for i in range(t)])
         assert y.shape == (t, 96) and y.is_contiguous()
         assert rel_err(y.float(), alone.float()) < tol, t
+
+
+def test_long_half_precision_layers_run_row_major_at_many_tokens(tmp_path: Path) -> None:
+    """bfloat16 with 4096 inputs from 48 tokens: the eager forward runs row-major (nn.Linear's
+    matmul order) and computes what the channels-major forward does."""
+    base = nn.Sequential(nn.Linear(4096, 24))
+    model = nn.Sequential(nn.Linear(4096, 24))
+    model.load_state_dict(base.state_dict())
+    load_packed(model, make_pack(tmp_path, base), backend="dense")
+    model.to(torch.bfloat16)
+    layer = model[0]
+    x = torch.randn(64, 4096, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    assert rows_eagerly(torch.bfloat16, 64, 4096) and not rows_eagerly(torch.bfloat16, 47, 4096)
+    assert not rows_eagerly(torch.float32, 64, 4096) and not rows_eagerly(torch.bfloat16, 64, 2048)
+    with torch.no_grad():
+        ops = _ops(lambda: layer(x))
+        rows = layer(x)
+        layer.observer = lambda *args: None  # an observer keeps the channels-major path
+        channels = layer(x)
+    assert ops.count("aten::index_select") == 1 and ops.count("aten::bmm") == 2
+    assert "aten::mm" in ops and not [op for op in ops if op.endswith("aten::clone")], ops
+    assert rows.is_contiguous() and rows.dtype == torch.bfloat16
+    assert rel_err(rows.float(), channels.float()) < 1e-2
 
 
 @pytest.mark.parametrize("act_asym", [False, True], ids=["sym", "asym"])
