@@ -418,7 +418,7 @@ class DuQuantLinear(nn.Module):
             h = torch.div(h, s).round_().clamp_(-qmax - 1, qmax).mul_(s)
         w = self.weight
         if rows_weight_first(w.dtype, h.shape[0], self.in_features):
-            y = torch.mm(w, h.t().to(w.dtype)).t()
+            y = torch.mm(w, h.t().to(w.dtype).contiguous()).t()
         else:
             y = torch.mm(h.to(w.dtype), w.t())
         out_dtype = y.dtype
