@@ -43,13 +43,23 @@ ACT_DYNAMIC, ACT_STATIC, ACT_NONE = "dynamic", "static", "none"
 ACT_SCALE_MIN = 2.0**-14
 
 
+def _per_block(v: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """R_k^T v_k for every block: v [n_blocks, B, T] -> [n_blocks, B, T], one batched matmul
+    reading R transposed in place. One token sums each block's products elementwise instead: a
+    batched matrix-vector product reading R transposed ran 2-3x slower than that (on an EPYC,
+    38 us against 15-27 us over 2048 channels)."""
+    if v.shape[2] == 1:
+        return (v * blocks).sum(1).unsqueeze(-1)
+    return torch.bmm(blocks.mT, v)
+
+
 def _blocks_t(h: torch.Tensor, blocks: torch.Tensor, tail: torch.Tensor | None) -> torch.Tensor:
     """Channels-major x @ blockdiag(R, tail): h = x^T [n, T] -> [n, T], one batched matmul (plus
-    one mm for a tail block) reading R transposed in place, with no transpose copy."""
+    one mm for a tail block), with no transpose copy."""
     t = h.shape[1]
     nb, b, _ = blocks.shape
     head = nb * b
-    y = torch.bmm(blocks.mT, h[:head].view(nb, b, t)).view(head, t)
+    y = _per_block(h[:head].view(nb, b, t), blocks).view(head, t)
     return y if tail is None else torch.cat([y, torch.mm(tail.t(), h[head:])], dim=0)
 
 
@@ -61,7 +71,7 @@ def _blocks_from_rows(
     t = x.shape[0]
     nb, b, _ = blocks.shape
     head = nb * b
-    y = torch.bmm(blocks.mT, x[:, :head].view(t, nb, b).permute(1, 2, 0)).view(head, t)
+    y = _per_block(x[:, :head].view(t, nb, b).permute(1, 2, 0), blocks).view(head, t)
     if tail is None:
         return y
     return torch.cat([y, torch.mm(tail.t(), x[:, head:].t())], 0)
@@ -72,14 +82,18 @@ def _restore_rows(
 ) -> torch.Tensor:
     """Channels-major y' [out, T] -> row-major y' @ blockdiag(out) [T, out] in `dtype`: one
     batched matmul reading y' transposed and writing block-major [n_blocks, T, B], then one copy
-    with contiguous runs of B: the row restore and the layout change for the price of one."""
+    with contiguous runs of B: the row restore and the layout change for the price of one. One
+    token: per-block products summed elementwise (see `_per_block`), already row-major."""
     y = y.to(blocks.dtype)
     t = y.shape[1]
     nb, b, _ = blocks.shape
     head = nb * b
     res = y.new_empty(t, y.shape[0], dtype=dtype)
-    z = torch.bmm(y[:head].view(nb, b, t).mT, blocks)
-    res[:, :head].view(t, nb, b).copy_(z.transpose(0, 1))
+    if t == 1:
+        res[:, :head].view(nb, b).copy_((y[:head].view(nb, b, 1) * blocks).sum(1))
+    else:
+        z = torch.bmm(y[:head].view(nb, b, t).mT, blocks)
+        res[:, :head].view(t, nb, b).copy_(z.transpose(0, 1))
     if tail is not None:
         res[:, head:].copy_(torch.mm(y[head:].t(), tail))
     return res

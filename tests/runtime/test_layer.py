@@ -335,14 +335,15 @@ def test_dense_forward_is_per_token_at_every_token_count(
     tmp_path: Path, dtype: torch.dtype, act_asym: bool
 ) -> None:
     """Few tokens run the matmul in nn.Linear's operand order, more run it weight-first: each
-    token's output is the one it gets alone (one token, weight-first GEMV) at any count."""
+    token's output is the one it gets alone (one token, weight-first GEMV) at any count, a
+    rounding flip apart (one token sums the block products elementwise, more in a bmm)."""
     base = TinyNet(dims=(64, 96, 32))
     model = clone_model(base, dims=(64, 96, 32)).to(dtype)
     load_packed(model, make_pack(tmp_path, base), backend="dense")
     layer = model.blocks[0]["up"]
     layer.act_asym = act_asym
     gen = torch.Generator().manual_seed(3)
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    tol = 2e-3 if dtype == torch.float32 else 2e-2
     for t in (2, 5, 16, 24, 64, 70):
         x = torch.randn(t, 64, generator=gen).to(dtype)
         with torch.no_grad():
