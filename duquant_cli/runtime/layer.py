@@ -199,10 +199,10 @@ class DuQuantLinear(nn.Module):
     pre-transformed weight, then restored.
 
     Buffers (None when the pack has no such transform), all on one device:
-        perm: int64 [in]; in1, in2: [n_blocks, B, B], in1_tail, in2_tail: [t, t];
-        out: [n_row_blocks, Bo, Bo], out_tail (restore mode only): the pack's blocks, as
-        stored (the channels-major eager forward reads the input blocks transposed in place;
-        the compiled one reads them as stored, the layout inductor vectorizes);
+        perm: int64 [in]; in1, in2: [n_blocks, B, B], in1_tail, in2_tail: [t, t]; out:
+        [n_row_blocks, Bo, Bo], out_tail (restore mode only); every block as the pack stores
+        it (the channels-major eager forward reads the input blocks transposed in place, the
+        compiled form as stored: the layout inductor vectorizes);
         bias: [out], rotated back by the restore's R^T (restore mode) or by the pack
         (propagate mode), so that it is added before the restore;
         act_scale: [in] static per-channel activation scales, in the transformed basis;
