@@ -113,7 +113,7 @@ def weight_first_from(dtype: torch.dtype) -> int:
 
 def rows_weight_first(dtype: torch.dtype, tokens: int, in_features: int) -> bool:
     """The operand order of the compiled dense forward, which holds its activations row-major,
-    so either order costs no copy. Weight-first where the eager forward runs it, except for
+    so either order costs no copy. Weight-first from `weight_first_from` tokens, except for
     half-precision layers with 4096 or more inputs: there nn.Linear's own order was faster
     (weight-first 1.07-1.16x its time at 64-256 tokens, on the EPYC; 0.73-0.93x with 2048 or
     fewer inputs, where weight-first stays)."""

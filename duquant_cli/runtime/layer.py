@@ -90,7 +90,7 @@ def _restore_rows(
     head = nb * b
     res = y.new_empty(t, y.shape[0], dtype=dtype)
     if t == 1:
-        res[:, :head].view(nb, b).copy_((y[:head].view(nb, b, 1) * blocks).sum(1))
+        res[:, :head].view(nb, b, 1).copy_(_per_block(y[:head].view(nb, b, 1), blocks))
     else:
         z = torch.bmm(y[:head].view(nb, b, t).mT, blocks)
         res[:, :head].view(t, nb, b).copy_(z.transpose(0, 1))
@@ -328,8 +328,8 @@ class DuQuantLinear(nn.Module):
         # eagerly where its matmul order is the faster one; calibration (an observer) stays on
         # this path, whose recorder sees the channels-major h.
         if self.backend is Backend.DENSE and self.observer is None:
-            w = self.weight
-            if torch.compiler.is_compiling() or rows_eagerly(w.dtype, x.shape[0], w.shape[1]):
+            rows = rows_eagerly(self.weight.dtype, x.shape[0], self.in_features)
+            if torch.compiler.is_compiling() or rows:
                 return self.forward_rows(x).view(*lead, self.out_features)
         h = self._transform(x)
         if self.observer is not None:
