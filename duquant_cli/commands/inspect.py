@@ -246,6 +246,7 @@ def _layer_row(d: dict[str, Any]) -> dict[str, Any]:
             has_bias=has_bias,
             dtype=dtype,
             backend=backend,
+            rotation=str(transform.get("rotation", "none")),
         )
 
     return {

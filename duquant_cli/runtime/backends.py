@@ -122,12 +122,19 @@ def rows_weight_first(dtype: torch.dtype, tokens: int, in_features: int) -> bool
     return dtype == torch.float32 or in_features < 4096
 
 
-def rows_eagerly(dtype: torch.dtype, tokens: int, in_features: int) -> bool:
-    """Whether the eager dense forward runs row-major as well: where the row-major matmul takes
-    nn.Linear's order from `weight_first_from` tokens on, which the channels-major forward
-    could only reach through a slow transposing copy. For bfloat16 2048x16384 at 64 tokens
-    that measured 1.26x nn.Linear against 1.43x channels-major (EPYC)."""
-    return tokens >= weight_first_from(dtype) and not rows_weight_first(dtype, tokens, in_features)
+def rows_eagerly(dtype: torch.dtype, tokens: int, in_features: int, shared: bool) -> bool:
+    """Whether the eager dense forward runs row-major too, for half-precision layers: where
+    its matmul takes nn.Linear's order, which the channels-major forward reaches only through
+    a slow transposing copy. That is from `weight_first_from` tokens on where
+    `rows_weight_first` says so (bfloat16 2048x16384 at 64 tokens: 1.26x nn.Linear against
+    1.43x channels-major), and below it where the input blocks share one matrix (`shared`),
+    which row-major is one matmul (bfloat16 at 16 tokens: 1.14-1.21x against 1.21-1.28x for
+    the pi0.5 MLP shapes, 1.39-1.55x against 1.60-1.75x for 2048x2048; EPYC)."""
+    if dtype == torch.float32 or tokens < 2:
+        return False
+    if tokens < weight_first_from(dtype):
+        return shared
+    return not rows_weight_first(dtype, tokens, in_features)
 
 
 class Int8Kernel:

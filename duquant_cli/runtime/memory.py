@@ -22,6 +22,14 @@ _IN_BLOCKS = ("in1", "in1_tail", "in2", "in2_tail")
 _OUT_BLOCKS = ("out", "out_tail")
 
 
+def sign_factored(rotation: str) -> tuple[str, ...]:
+    """The block fields a layer also holds as row signs (`runtime.layer.block_signs`, a float32
+    per channel of their full blocks, where there are two or more): Hadamard stacks (one matrix,
+    random signs per block), greedy ones (one matrix) and the Hadamard row rotations of greedy
+    packs. A smoothed in1 and SVD bases are not one matrix."""
+    return ("in2", "out") if rotation in ("hadamard", "greedy") else ()
+
+
 def layer_bytes(
     out_features: int,
     in_features: int,
@@ -32,6 +40,7 @@ def layer_bytes(
     has_bias: bool,
     dtype: str,
     backend: str = "dense",
+    rotation: str = "none",
 ) -> int:
     """Bytes `DuQuantLinear.from_pack` holds for `backend` in compute `dtype`.
 
@@ -40,6 +49,7 @@ def layer_bytes(
     per-channel scales; int4 keeps torch's packed layout (half a byte a weight) and a scale and
     zero per kernel group in `dtype`. Transforms, bias and static scales are float32 in every
     dtype; the permutation is int64; output blocks are dropped unless rows are restored.
+    `rotation` (the manifest's) says which block stacks also keep row signs (`sign_factored`).
     """
     size = DTYPE_BYTES[dtype]
     fsize = DTYPE_BYTES["float32"]  # transforms, bias and static scales (see from_pack)
@@ -57,6 +67,8 @@ def layer_bytes(
         raise ValueError(f"unknown backend {backend!r}")
     blocks = _IN_BLOCKS + (_OUT_BLOCKS if row_rot == "restore" else ())
     n += sum(prod(fields[f]) * fsize for f in blocks if f in fields)
+    signed = [f for f in sign_factored(rotation) if f in blocks and f in fields]
+    n += sum(prod(fields[f][:2]) * fsize for f in signed if fields[f][0] > 1)
     if "perm" in fields:
         n += in_features * DTYPE_BYTES["int64"]
     if has_bias:

@@ -353,27 +353,92 @@ def test_dense_forward_is_per_token_at_every_token_count(
         assert rel_err(y.float(), alone.float()) < tol, t
 
 
-def test_long_half_precision_layers_run_row_major_at_many_tokens(tmp_path: Path) -> None:
-    """bfloat16 with 4096 inputs from 48 tokens: the eager forward runs row-major (nn.Linear's
-    matmul order) and computes what the channels-major forward does."""
+def test_when_the_eager_dense_forward_runs_row_major() -> None:
+    for shared in (True, False):
+        assert rows_eagerly(torch.bfloat16, 64, 4096, shared)
+        assert not rows_eagerly(torch.bfloat16, 64, 2048, shared)  # weight-first there
+        assert not rows_eagerly(torch.float32, 64, 4096, shared)
+        assert not rows_eagerly(torch.bfloat16, 1, 4096, shared)
+    assert rows_eagerly(torch.float16, 16, 2048, True)
+    assert not rows_eagerly(torch.bfloat16, 16, 2048, False)
+
+
+@pytest.mark.parametrize("rotation", [Rotation.HADAMARD, Rotation.SVD])
+@pytest.mark.parametrize("tokens", [16, 64])
+def test_half_precision_layers_run_row_major(tmp_path: Path, rotation, tokens: int) -> None:
+    """bfloat16 with 4096 inputs, at 16 tokens where the input blocks share one matrix and at
+    64: the eager forward runs row-major (a gather of x's bits, nn.Linear's matmul order, a
+    shared block matrix as one mm) and computes what the channels-major forward does."""
     base = nn.Sequential(nn.Linear(4096, 24))
     model = nn.Sequential(nn.Linear(4096, 24))
     model.load_state_dict(base.state_dict())
-    load_packed(model, make_pack(tmp_path, base), backend="dense")
+    load_packed(model, make_pack(tmp_path, base, rotation=rotation, block_out=8), backend="dense")
     model.to(torch.bfloat16)
     layer = model[0]
-    x = torch.randn(64, 4096, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
-    assert rows_eagerly(torch.bfloat16, 64, 4096) and not rows_eagerly(torch.bfloat16, 47, 4096)
-    assert not rows_eagerly(torch.float32, 64, 4096) and not rows_eagerly(torch.bfloat16, 64, 2048)
+    shared = rotation is Rotation.HADAMARD
+    assert layer.inputs_shared == shared
+    for f in ("in2_signs", "out_signs"):
+        assert (getattr(layer, f) is not None) == shared
+    if shared:  # one Hadamard matrix, each block with its own random row signs
+        assert layer.in2_signs.shape == (256, 16) and (layer.in2_signs < 0).any()
+        assert layer.in2_signs.dtype == torch.float32  # kept by model.to(bfloat16)
+        assert "in2_signs" not in layer.state_dict()
+    x = torch.randn(tokens, 4096, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
     with torch.no_grad():
         ops = _ops(lambda: layer(x))
         rows = layer(x)
         layer.observer = lambda *args: None  # an observer keeps the channels-major path
         channels = layer(x)
-    assert ops.count("aten::index_select") == 1 and ops.count("aten::bmm") == 2
-    assert "aten::mm" in ops and not [op for op in ops if op.endswith("aten::clone")], ops
+        layer.observer = None
     assert rows.is_contiguous() and rows.dtype == torch.bfloat16
     assert rel_err(rows.float(), channels.float()) < 1e-2
+    if not shared and tokens < 48:  # channels-major already
+        assert ops.count("aten::index_select") == 1, ops
+        return
+    assert ops.count("aten::gather") == 1 and "aten::index_select" not in ops, ops
+    assert ops.count("aten::bmm") == (0 if shared else 2), ops
+    assert ops.count("aten::mm") == (3 if shared else 1), ops
+    assert not [op for op in ops if op.endswith("aten::clone")], ops
+    # Under autograd (no bit view there) the same values, and a gradient.
+    xg = x.clone().requires_grad_(True)
+    y = layer(xg)
+    y.float().sum().backward()
+    assert torch.equal(y.detach(), rows)
+    assert xg.grad is not None and torch.isfinite(xg.grad).all() and xg.grad.abs().sum() > 0
+
+
+def test_block_signs_factor_stacks_of_one_matrix_up_to_row_signs() -> None:
+    gen = torch.Generator().manual_seed(0)
+    r = torch.linalg.qr(torch.randn(8, 8, generator=gen))[0]
+    d = torch.randint(0, 2, (5, 8), generator=gen).float() * 2 - 1
+    d[0] = 1
+    signs = layer_mod.block_signs(d.unsqueeze(-1) * r)
+    assert signs is not None and torch.equal(signs, d)
+    assert torch.equal(layer_mod.block_signs(r.expand(5, 8, 8)), torch.ones(5, 8))
+    assert layer_mod.block_signs(r[None]) is None  # one block: nothing to share
+    flipped = d[:, :, None] * r
+    flipped[3] = flipped[3] @ r  # another matrix, not a sign flip
+    assert layer_mod.block_signs(flipped) is None
+    assert layer_mod.block_signs(torch.linalg.qr(torch.randn(5, 8, 8, generator=gen))[0]) is None
+
+
+def test_shared_blocks_are_found_again_after_loading_a_state_dict(tmp_path: Path) -> None:
+    """A state dict with blocks of another kind (one matrix per block) loaded into a layer whose
+    blocks were shared: the layer runs the loaded blocks, as the model they came from does."""
+    base = nn.Sequential(nn.Linear(4096, 24))
+    models = {}
+    for rot in (Rotation.HADAMARD, Rotation.SVD):
+        m = nn.Sequential(nn.Linear(4096, 24))
+        m.load_state_dict(base.state_dict())
+        load_packed(m, make_pack(tmp_path, base, name=rot.value, rotation=rot), backend="dense")
+        models[rot] = m.to(torch.bfloat16)
+    had, svd = models[Rotation.HADAMARD], models[Rotation.SVD]
+    assert had[0].inputs_shared and not svd[0].inputs_shared
+    had.load_state_dict(svd.state_dict())
+    assert not had[0].inputs_shared and had[0].in2_signs is None
+    x = torch.randn(16, 4096, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(had(x), svd(x))
 
 
 @pytest.mark.parametrize("act_asym", [False, True], ids=["sym", "asym"])

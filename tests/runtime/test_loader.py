@@ -76,7 +76,8 @@ def test_old_weights_are_released(packed) -> None:
 
 def test_bytes_after_close_to_before_for_a_large_layer(tmp_path: Path) -> None:
     """Dense w4a8 keeps the dequantized weight in fp32: the same bytes plus the transforms
-    (perm int64 [in], in2 and out blocks, B/in + B/out + 2/out of the weight)."""
+    (perm int64 [in], in2 and out blocks, B/in + B/out + 2/out of the weight, and the Hadamard
+    blocks' row signs, 1/in + 1/out)."""
     lin = nn.Linear(512, 512)
     base = nn.Sequential(lin)
     out = make_pack(tmp_path, base)
@@ -84,7 +85,7 @@ def test_bytes_after_close_to_before_for_a_large_layer(tmp_path: Path) -> None:
     model.load_state_dict(base.state_dict())
     report = load_packed(model, out, backend="dense")
     assert report.bytes_before == 4 * (512 * 512 + 512)
-    overhead = 8 * 512 + 2 * 4 * 512 * 16  # perm, in2 and out
+    overhead = 8 * 512 + 2 * 4 * 512 * 16 + 2 * 4 * 512  # perm, in2 and out, their signs
     assert report.bytes_after == report.bytes_before + overhead
     assert report.bytes_after <= 1.1 * report.bytes_before
 
