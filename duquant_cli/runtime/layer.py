@@ -362,10 +362,11 @@ class DuQuantLinear(nn.Module):
     def note_shared(self) -> None:
         """Find the block transforms that are one matrix up to row signs, and keep their signs
         (`block_signs`; derived, so not in the state dict): once, at load and after loading a
-        state dict."""
+        state dict. Dense only: the integer backends run channels-major, which never uses them."""
         for f in ("in1", "in2", "out"):
             blocks = getattr(self, f)
-            signs = None if blocks is None else block_signs(blocks)
+            dense = self.backend is Backend.DENSE
+            signs = None if blocks is None or not dense else block_signs(blocks)
             self.register_buffer(f + "_signs", signs, persistent=False)
         ins = [f for f in ("in1", "in2") if getattr(self, f) is not None]
         self.inputs_shared = all(getattr(self, f + "_signs") is not None for f in ins)

@@ -422,6 +422,15 @@ def test_block_signs_factor_stacks_of_one_matrix_up_to_row_signs() -> None:
     assert layer_mod.block_signs(torch.linalg.qr(torch.randn(5, 8, 8, generator=gen))[0]) is None
 
 
+def test_only_the_dense_backend_keeps_block_signs(tmp_path: Path) -> None:
+    base = nn.Sequential(nn.Linear(256, 64))
+    out = make_pack(tmp_path, base)
+    for backend, kept in (("dense", True), ("int8", False)):
+        m = nn.Sequential(nn.Linear(256, 64))
+        load_packed(m, out, backend=backend)
+        assert (m[0].in2_signs is not None) == kept and (m[0].out_signs is not None) == kept
+
+
 def test_shared_blocks_are_found_again_after_loading_a_state_dict(tmp_path: Path) -> None:
     """A state dict with blocks of another kind (one matrix per block) loaded into a layer whose
     blocks were shared: the layer runs the loaded blocks, as the model they came from does."""
