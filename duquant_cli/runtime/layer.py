@@ -286,7 +286,7 @@ class DuQuantLinear(nn.Module):
         self.calibrated = False
         self.act_percentile: float | None = None
         self.observer: object | None = None
-        self.inputs_shared = False  # every input block transform one matrix up to signs
+        self.inputs_shared = False  # every input block transform (if any) one matrix up to signs
         for f in ("perm", *_BLOCK_FIELDS, "weight", "bias", "act_scale"):
             self.register_buffer(f, None)
         for f in _SIGN_FIELDS:
