@@ -45,42 +45,54 @@ ACT_DYNAMIC, ACT_STATIC, ACT_NONE = "dynamic", "static", "none"
 ACT_SCALE_MIN = 2.0**-14
 
 
-def _per_block(v: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+def _per_block(
+    v: torch.Tensor, blocks: torch.Tensor, signs: torch.Tensor | None = None
+) -> torch.Tensor:
     """R_k^T v_k for every block: v [n_blocks, B, T] -> [n_blocks, B, T], one batched matmul
-    reading R transposed in place. One token sums each block's products elementwise instead: a
-    batched matrix-vector product reading R transposed ran 2-3x slower than that (on an EPYC,
-    38 us against 15-27 us over 2048 channels)."""
-    if v.shape[2] == 1:
+    reading R transposed in place. One token, with every block R_0 up to row signs (`signs`,
+    see `block_signs`): the signed rows times R_0 in one mm (9 / 15 us over 2048 / 16384
+    channels on an EPYC); other blocks: each block's products summed elementwise (18 / 45 us),
+    where a batched matrix-vector product reading R transposed ran 2-3x slower still."""
+    nb, b, t = v.shape
+    if t == 1 and signs is not None:
+        return torch.mm(v.view(nb, b) * signs, blocks[0]).view(nb, b, 1)
+    if t == 1:
         return (v * blocks).sum(1).unsqueeze(-1)
     return torch.bmm(blocks.mT, v)
 
 
-def _blocks_t(h: torch.Tensor, blocks: torch.Tensor, tail: torch.Tensor | None) -> torch.Tensor:
+def _blocks_t(
+    h: torch.Tensor, blocks: torch.Tensor, tail: torch.Tensor | None, signs: torch.Tensor | None
+) -> torch.Tensor:
     """Channels-major x @ blockdiag(R, tail): h = x^T [n, T] -> [n, T], one batched matmul (plus
     one mm for a tail block), with no transpose copy."""
     t = h.shape[1]
     nb, b, _ = blocks.shape
     head = nb * b
-    y = _per_block(h[:head].view(nb, b, t), blocks).view(head, t)
+    y = _per_block(h[:head].view(nb, b, t), blocks, signs).view(head, t)
     return y if tail is None else torch.cat([y, torch.mm(tail.t(), h[head:])], dim=0)
 
 
 def _blocks_from_rows(
-    x: torch.Tensor, blocks: torch.Tensor, tail: torch.Tensor | None
+    x: torch.Tensor, blocks: torch.Tensor, tail: torch.Tensor | None, signs: torch.Tensor | None
 ) -> torch.Tensor:
     """Row-major x [T, n] -> channels-major (x @ blockdiag(R))^T [n, T]: one batched matmul
     reading x in place as [n_blocks, B, T] (strided), so the transpose costs no copy of its own."""
     t = x.shape[0]
     nb, b, _ = blocks.shape
     head = nb * b
-    y = _per_block(x[:, :head].view(t, nb, b).permute(1, 2, 0), blocks).view(head, t)
+    y = _per_block(x[:, :head].view(t, nb, b).permute(1, 2, 0), blocks, signs).view(head, t)
     if tail is None:
         return y
     return torch.cat([y, torch.mm(tail.t(), x[:, head:].t())], 0)
 
 
 def _restore_rows(
-    y: torch.Tensor, blocks: torch.Tensor, tail: torch.Tensor | None, dtype: torch.dtype
+    y: torch.Tensor,
+    blocks: torch.Tensor,
+    tail: torch.Tensor | None,
+    signs: torch.Tensor | None,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
     """Channels-major y' [out, T] -> row-major y' @ blockdiag(out) [T, out] in `dtype`: one
     batched matmul reading y' transposed and writing block-major [n_blocks, T, B], then one copy
@@ -92,7 +104,7 @@ def _restore_rows(
     head = nb * b
     res = y.new_empty(t, y.shape[0], dtype=dtype)
     if t == 1:
-        res[:, :head].view(nb, b, 1).copy_(_per_block(y[:head].view(nb, b, 1), blocks))
+        res[:, :head].view(nb, b, 1).copy_(_per_block(y[:head].view(nb, b, 1), blocks, signs))
     else:
         z = torch.bmm(y[:head].view(nb, b, t).mT, blocks)
         res[:, :head].view(t, nb, b).copy_(z.transpose(0, 1))
@@ -362,11 +374,10 @@ class DuQuantLinear(nn.Module):
     def note_shared(self) -> None:
         """Find the block transforms that are one matrix up to row signs, and keep their signs
         (`block_signs`; derived, so not in the state dict): once, at load and after loading a
-        state dict. Dense only: the integer backends run channels-major, which never uses them."""
+        state dict."""
         for f in ("in1", "in2", "out"):
             blocks = getattr(self, f)
-            dense = self.backend is Backend.DENSE
-            signs = None if blocks is None or not dense else block_signs(blocks)
+            signs = None if blocks is None else block_signs(blocks)
             self.register_buffer(f + "_signs", signs, persistent=False)
         ins = [f for f in ("in1", "in2") if getattr(self, f) is not None]
         self.inputs_shared = all(getattr(self, f + "_signs") is not None for f in ins)
@@ -410,7 +421,7 @@ class DuQuantLinear(nn.Module):
         elif self.bias is not None:
             y = torch.add(y, self.bias.view(-1, 1))
         if self.out is not None:
-            y = _restore_rows(y, self.out, self.out_tail, out_dtype)
+            y = _restore_rows(y, self.out, self.out_tail, self.out_signs, out_dtype)
         else:
             y = contiguous_as(y.t(), out_dtype)
         return y.view(*lead, self.out_features)
@@ -433,11 +444,11 @@ class DuQuantLinear(nn.Module):
         if in1 is None:
             if perm is not None:
                 x = x.index_select(1, perm)
-            return _blocks_from_rows(x.contiguous(), in2, self.in2_tail)
-        h = _blocks_from_rows(x.contiguous(), in1, self.in1_tail)
+            return _blocks_from_rows(x.contiguous(), in2, self.in2_tail, self.in2_signs)
+        h = _blocks_from_rows(x.contiguous(), in1, self.in1_tail, self.in1_signs)
         if perm is not None:
             h = h.index_select(0, perm)
-        return h if in2 is None else _blocks_t(h, in2, self.in2_tail)
+        return h if in2 is None else _blocks_t(h, in2, self.in2_tail, self.in2_signs)
 
     def _quant_tokens(
         self, h: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor

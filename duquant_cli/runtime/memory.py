@@ -23,8 +23,8 @@ _OUT_BLOCKS = ("out", "out_tail")
 
 
 def sign_factored(rotation: str) -> tuple[str, ...]:
-    """The block fields a dense layer also holds as row signs (`runtime.layer.block_signs`, a
-    float32 per channel of their full blocks, where there are two or more): Hadamard stacks
+    """The block fields a layer also holds as row signs (`runtime.layer.block_signs`, a float32
+    per channel of their full blocks, where there are two or more): Hadamard stacks
     (one matrix, random signs per block), greedy ones (one matrix) and the Hadamard row
     rotations of greedy packs. A smoothed in1 and SVD bases are not one matrix."""
     return ("in2", "out") if rotation in ("hadamard", "greedy") else ()
@@ -68,7 +68,6 @@ def layer_bytes(
     blocks = _IN_BLOCKS + (_OUT_BLOCKS if row_rot == "restore" else ())
     n += sum(prod(fields[f]) * fsize for f in blocks if f in fields)
     signed = [f for f in sign_factored(rotation) if f in blocks and f in fields]
-    signed = signed if backend == "dense" else []
     n += sum(prod(fields[f][:2]) * fsize for f in signed if fields[f][0] > 1)
     if "perm" in fields:
         n += in_features * DTYPE_BYTES["int64"]

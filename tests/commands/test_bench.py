@@ -19,13 +19,12 @@ def test_forward_rows_cover_every_backend_and_memory_counts_buffers() -> None:
         assert {k.removesuffix("_ratio") for k in r if k.endswith("_ratio")} == want
         assert all(r[f"{b}_us"] > 0 for b in want) and r["linear_us"] > 0
     mem = {(r["backend"], r["dtype"]): r for r in res.memory}
-    # dense: the [out, in] weight in the dtype, plus float32 transforms (Hadamard blocks, and
-    # their row signs for the dense forward) and the int64 perm
+    # dense: the [out, in] weight in the dtype, plus float32 transforms (Hadamard blocks and
+    # their row signs) and the int64 perm
     w = 64 * 128
-    extra = (128 * 16 + 64 * 16) * 4 + 128 * 8
-    signs = (128 + 64) * 4
-    assert mem["dense", "float32"]["bytes"] == w * 4 + extra + signs
-    assert mem["dense", "bfloat16"]["bytes"] == w * 2 + extra + signs
+    extra = (128 * 16 + 64 * 16 + 128 + 64) * 4 + 128 * 8
+    assert mem["dense", "float32"]["bytes"] == w * 4 + extra
+    assert mem["dense", "bfloat16"]["bytes"] == w * 2 + extra
     assert mem["int8", "float32"]["bytes"] == w + 64 * 4 + extra
     assert mem["int4", "bfloat16"]["vs_bf16_weight"] < mem["int8", "bfloat16"]["vs_bf16_weight"]
 

@@ -422,13 +422,24 @@ def test_block_signs_factor_stacks_of_one_matrix_up_to_row_signs() -> None:
     assert layer_mod.block_signs(torch.linalg.qr(torch.randn(5, 8, 8, generator=gen))[0]) is None
 
 
-def test_only_the_dense_backend_keeps_block_signs(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["dense", "int8"])
+def test_one_token_uses_the_block_signs(tmp_path: Path, backend: str) -> None:
+    """Every backend keeps the signs of a Hadamard pack; one token runs each block transform as
+    a sign flip and one mm, and computes what the blockwise products do."""
     base = nn.Sequential(nn.Linear(256, 64))
-    out = make_pack(tmp_path, base)
-    for backend, kept in (("dense", True), ("int8", False)):
-        m = nn.Sequential(nn.Linear(256, 64))
-        load_packed(m, out, backend=backend)
-        assert (m[0].in2_signs is not None) == kept and (m[0].out_signs is not None) == kept
+    m = nn.Sequential(nn.Linear(256, 64))
+    load_packed(m, make_pack(tmp_path, base, block_out=8), backend=backend)
+    layer = m[0]
+    assert layer.in2_signs is not None and layer.out_signs is not None
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        ops = _ops(lambda: layer(x))
+        signed = layer(x)
+        layer.in2_signs = layer.out_signs = None
+        blockwise = layer(x)
+    assert ops.count("aten::mm") == (3 if backend == "dense" else 2), ops  # + dense matmul
+    assert "aten::sum" not in ops, ops
+    assert rel_err(signed, blockwise) < 1e-4
 
 
 def test_shared_blocks_are_found_again_after_loading_a_state_dict(tmp_path: Path) -> None:
