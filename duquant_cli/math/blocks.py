@@ -71,6 +71,18 @@ def stack_blocks(n: int, block: int, make) -> BlockDiag:
     return BlockDiag(make(n_blocks, b), make(1, tail)[0] if tail else None)
 
 
+def block_signs(blocks: torch.Tensor) -> torch.Tensor | None:
+    """Signs d [n_blocks, B] with every block R_k = diag(d_k) R_0 exactly, for two blocks or
+    more; else None. DuQuant's rotations are one matrix per layer (d = 1), the data-free
+    Hadamard blocks one matrix with random row signs per block: the runtime then applies a
+    block transform as a sign flip and one matmul over all blocks' rows."""
+    if blocks.shape[0] < 2:
+        return None
+    first = blocks[:1]
+    d = torch.where((blocks * first).sum(-1) < 0, -1.0, 1.0).to(blocks.dtype)
+    return d if torch.equal(blocks, d.unsqueeze(-1) * first) else None
+
+
 def orthogonality_error(bd: BlockDiag) -> float:
     """max |R R^T - I| over all blocks (and the tail)."""
     mats = [bd.blocks] + ([bd.tail[None]] if bd.tail is not None else [])

@@ -21,7 +21,7 @@ from torch import nn
 from duquant_cli.errors import ConfigError, MismatchError
 from duquant_cli.formats.pack import LayerEntry
 from duquant_cli.math.bitpack import packed_cols
-from duquant_cli.math.blocks import apply_blocks
+from duquant_cli.math.blocks import apply_blocks, block_signs
 from duquant_cli.math.permutation import is_permutation
 from duquant_cli.runtime.backends import (
     KERNELS,
@@ -133,18 +133,6 @@ def _token_min_max(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if k == 1:
         return lo, hi
     return lo.view(k, t).amin(0, keepdim=True), hi.view(k, t).amax(0, keepdim=True)
-
-
-def block_signs(blocks: torch.Tensor) -> torch.Tensor | None:
-    """Signs d [n_blocks, B] with every block R_k = diag(d_k) R_0 exactly, for two blocks or
-    more; else None. DuQuant's rotations are one matrix per layer (d = 1), the data-free
-    Hadamard blocks one matrix with random row signs per block: a row-major block transform is
-    then a sign flip and one matmul over all blocks' rows."""
-    if blocks.shape[0] < 2:
-        return None
-    first = blocks[:1]
-    d = torch.where((blocks * first).sum(-1) < 0, -1.0, 1.0).to(blocks.dtype)
-    return d if torch.equal(blocks, d.unsqueeze(-1) * first) else None
 
 
 def _rows_blocks(
@@ -483,7 +471,8 @@ class DuQuantLinear(nn.Module):
         eagerly where it is the faster one (`rows_eagerly`). Row-major, the matmul takes either
         operand order at no cost: compiled, `rows_weight_first` picks it; eagerly it is
         nn.Linear's, and shared block matrices are one mm each (`_rows_blocks`)."""
-        if self.in1 is None and self.perm is not None and not torch.compiler.is_compiling():
+        compiling = torch.compiler.is_compiling()
+        if self.in1 is None and self.perm is not None and not compiling:
             h = _gather_columns(x, self.perm)
         else:
             h = x.to(torch.float32, copy=True)  # quantized in place below: never the caller's x
@@ -501,7 +490,6 @@ class DuQuantLinear(nn.Module):
             s = self.act_scale.view(1, -1)
             h = torch.div(h, s).round_().clamp_(-qmax - 1, qmax).mul_(s)
         w = self.weight
-        compiling = torch.compiler.is_compiling()
         if compiling and rows_weight_first(w.dtype, h.shape[0], self.in_features):
             y = torch.mm(w, h.t().to(w.dtype).contiguous()).t()
         else:

@@ -23,7 +23,7 @@ _OUT_BLOCKS = ("out", "out_tail")
 
 
 def sign_factored(rotation: str) -> tuple[str, ...]:
-    """The block fields a layer also holds as row signs (`runtime.layer.block_signs`, a float32
+    """The block fields a layer also holds as row signs (`math.blocks.block_signs`, a float32
     per channel of their full blocks, where there are two or more): Hadamard stacks
     (one matrix, random signs per block), greedy ones (one matrix) and the Hadamard row
     rotations of greedy packs. A smoothed in1 and SVD bases are not one matrix."""

@@ -1,4 +1,4 @@
-"""Block-diagonal matrices: shapes, application, inverses, orthogonality check."""
+"""Block-diagonal matrices: shapes, application, inverses, orthogonality check, row signs."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from duquant_cli.math.blocks import (
     BlockDiag,
     apply_blocks,
     apply_blocks_rows,
+    block_signs,
     orthogonality_error,
     split_sizes,
     stack_blocks,
@@ -102,3 +103,18 @@ def test_orthogonality_error_detects_non_orthogonal() -> None:
     assert orthogonality_error(BlockDiag(q, bad_tail)) > 1e-3
     scaled = q * 1.001
     assert orthogonality_error(BlockDiag(scaled)) == pytest.approx(1.001**2 - 1, rel=1e-6)
+
+
+def test_block_signs_factor_stacks_of_one_matrix_up_to_row_signs() -> None:
+    gen = torch.Generator().manual_seed(0)
+    r = torch.linalg.qr(torch.randn(8, 8, generator=gen))[0]
+    d = torch.randint(0, 2, (5, 8), generator=gen).float() * 2 - 1
+    d[0] = 1
+    signs = block_signs(d.unsqueeze(-1) * r)
+    assert signs is not None and torch.equal(signs, d)
+    assert torch.equal(block_signs(r.expand(5, 8, 8)), torch.ones(5, 8))
+    assert block_signs(r[None]) is None  # one block: nothing to share
+    flipped = d[:, :, None] * r
+    flipped[3] = flipped[3] @ r  # another matrix, not a sign flip
+    assert block_signs(flipped) is None
+    assert block_signs(torch.linalg.qr(torch.randn(5, 8, 8, generator=gen))[0]) is None

@@ -407,21 +407,6 @@ def test_half_precision_layers_run_row_major(tmp_path: Path, rotation, tokens: i
     assert xg.grad is not None and torch.isfinite(xg.grad).all() and xg.grad.abs().sum() > 0
 
 
-def test_block_signs_factor_stacks_of_one_matrix_up_to_row_signs() -> None:
-    gen = torch.Generator().manual_seed(0)
-    r = torch.linalg.qr(torch.randn(8, 8, generator=gen))[0]
-    d = torch.randint(0, 2, (5, 8), generator=gen).float() * 2 - 1
-    d[0] = 1
-    signs = layer_mod.block_signs(d.unsqueeze(-1) * r)
-    assert signs is not None and torch.equal(signs, d)
-    assert torch.equal(layer_mod.block_signs(r.expand(5, 8, 8)), torch.ones(5, 8))
-    assert layer_mod.block_signs(r[None]) is None  # one block: nothing to share
-    flipped = d[:, :, None] * r
-    flipped[3] = flipped[3] @ r  # another matrix, not a sign flip
-    assert layer_mod.block_signs(flipped) is None
-    assert layer_mod.block_signs(torch.linalg.qr(torch.randn(5, 8, 8, generator=gen))[0]) is None
-
-
 @pytest.mark.parametrize("backend", ["dense", "int8"])
 def test_one_token_uses_the_block_signs(tmp_path: Path, backend: str) -> None:
     """Every backend keeps the signs of a Hadamard pack; one token runs each block transform as
