@@ -26,8 +26,10 @@ from duquant_cli.math.permutation import is_permutation
 from duquant_cli.runtime.backends import (
     KERNELS,
     Backend,
+    Kernel,
     choose_backend,
     contiguous_as,
+    kernel_for,
     rows_eagerly,
     rows_weight_first,
 )
@@ -326,7 +328,8 @@ class DuQuantLinear(nn.Module):
         )
         if backend is Backend.AUTO or not reason:
             backend, reason = choose_backend(backend, device, dtype, entry)
-        layer.backend, layer.kernel, layer.backend_reason = backend, KERNELS[backend], reason
+        layer.backend, layer.backend_reason = backend, reason
+        layer.kernel = kernel_for(backend, device, dtype)
 
         def put(t: torch.Tensor) -> torch.Tensor:
             return t.to(device=device, dtype=torch.float32)
@@ -370,6 +373,18 @@ class DuQuantLinear(nn.Module):
         ins = [f for f in ("in1", "in2") if getattr(self, f) is not None]
         self.inputs_shared = all(getattr(self, f + "_signs") is not None for f in ins)
 
+    def use_kernel(self, kernel: Kernel) -> None:
+        """Run on `kernel` (one of this backend's), moving the weight buffer into its layout."""
+        w = self._buffers.get("weight")
+        if w is not None and kernel is not self.kernel:
+            self._buffers["weight"] = kernel.pack(self.kernel.unpack(w))
+        self.kernel = kernel
+
+    @property
+    def plain_weight(self) -> torch.Tensor | None:
+        """The weight buffer in torch's layout: itself, or a copy where the kernel prepacked it."""
+        return None if self.weight is None else self.kernel.unpack(self.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Channels-major inside (h = x^T, [in, T]): the gather is a row gather of whole
         # channels, the block transforms batched matmuls, and the matmul weight-first, the
@@ -377,9 +392,12 @@ class DuQuantLinear(nn.Module):
         # and on the row restore where there are such (see `_blocks_from_rows`, `_restore_rows`).
         lead, in_dtype = x.shape[:-1], x.dtype
         x = x.reshape(-1, self.in_features)
-        # Compiled, the dense layer traces the form inductor fuses (`forward_rows`), and runs it
+        # oneDNN's kernels take row-major activations (`forward_rows`). With torch's dense
+        # kernel, compiled, the layer traces the form inductor fuses (`forward_rows`), and runs it
         # eagerly where that is the faster one (`rows_eagerly`); calibration (an observer) stays
         # on this path, whose recorder sees the channels-major h.
+        if self.kernel.rows:
+            return self.forward_rows(x).view(*lead, self.out_features)
         if self.backend is Backend.DENSE and self.observer is None:
             shared = self.inputs_shared
             rows = rows_eagerly(self.weight.dtype, x.shape[0], self.in_features, shared)
@@ -465,12 +483,13 @@ class DuQuantLinear(nn.Module):
         return (q.clamp_(-qmax - 1, qmax) if self.act_clip < 1.0 else q), scale
 
     def forward_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """The dense forward row-major, x [T, in] -> [T, out]: the same math as `forward`,
-        written for torch.compile, where inductor fuses it (gather, block transforms and
-        quantization into one loop, the restore with the scale and cast into another), and run
-        eagerly where it is the faster one (`rows_eagerly`). Row-major, the matmul takes either
-        operand order at no cost: compiled, `rows_weight_first` picks it; eagerly it is
-        nn.Linear's, and shared block matrices are one mm each (`_rows_blocks`)."""
+        """The forward row-major, x [T, in] -> [T, out]: the same math as `forward`, for
+        oneDNN's kernels (`Kernel.rows`) and for torch's dense one compiled, where inductor
+        fuses it (gather, block transforms and quantization into one loop, the restore with the
+        scale and cast into another), and eagerly where it is the faster one (`rows_eagerly`).
+        Row-major, torch's matmul takes either operand order at no cost: compiled,
+        `rows_weight_first` picks it; eagerly it is nn.Linear's. Shared block matrices are one
+        mm each (`_rows_blocks`)."""
         compiling = torch.compiler.is_compiling()
         if self.in1 is None and self.perm is not None and not compiling:
             h = _gather_columns(x, self.perm)
@@ -482,6 +501,8 @@ class DuQuantLinear(nn.Module):
                 h = h.index_select(1, self.perm)
         if self.in2 is not None:
             h = _rows_blocks(h, self.in2, self.in2_tail, self.in2_signs)
+        if self.observer is not None:
+            self.observer(self, h)
         scale = None
         if self.act_mode == ACT_DYNAMIC:
             h, scale = self._quant_tokens(h, h.amin(1, keepdim=True), h.amax(1, keepdim=True))
@@ -489,15 +510,21 @@ class DuQuantLinear(nn.Module):
             qmax = (1 << (self.a_bits - 1)) - 1
             s = self.act_scale.view(1, -1)
             h = torch.div(h, s).round_().clamp_(-qmax - 1, qmax).mul_(s)
-        w = self.weight
-        if compiling and rows_weight_first(w.dtype, h.shape[0], self.in_features):
-            y = torch.mm(w, h.t().to(w.dtype).contiguous()).t()
+        # Autocast picks the dense matmul's dtype: torch's mm, on the plain weight.
+        autocast = self.backend is Backend.DENSE and torch.is_autocast_enabled(x.device.type)
+        if self.kernel.rows and not autocast:
+            y = self.kernel.linear_rows(self, h)
         else:
-            y = torch.mm(h.to(w.dtype), w.t())
+            w = self.plain_weight
+            if compiling and rows_weight_first(w.dtype, h.shape[0], self.in_features):
+                y = torch.mm(w, h.t().to(w.dtype).contiguous()).t()
+            else:
+                y = torch.mm(h.to(w.dtype), w.t())
         # In float32 first: row-major, a half-precision y by a float32 [T, 1] scale ran 10-20x
         # slower than the cast and a float32 product (0.3 ms for [64, 2048] on an EPYC).
         # In place where autograd does not need y (it is this forward's own).
-        out_dtype, y = y.dtype, y.float()
+        out_dtype = x.dtype if self.backend is Backend.INT8 else y.dtype
+        y = y.float()
         if scale is not None:
             y = torch.mul(y, scale) if y.requires_grad else y.mul_(scale)
         if self.bias is not None:
@@ -519,14 +546,36 @@ class DuQuantLinear(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):  # nn.Module's signature
         """`model.to(dtype)` casts the weight; the float32 buffers are only moved, from their
-        float32 values (a float32 -> bfloat16 -> float32 round trip would lose bits)."""
+        float32 values (a float32 -> bfloat16 -> float32 round trip would lose bits). The
+        weight moves in its plain layout, then takes the kernel of its new device and dtype."""
+        self.use_kernel(KERNELS[self.backend])
         kept = {f: self._buffers[f] for f in FLOAT32_FIELDS if self._buffers.get(f) is not None}
         self._buffers.update(dict.fromkeys(kept))
         super()._apply(fn, recurse)
         for f, t in kept.items():
             moved = fn(t)
             self._buffers[f] = moved if moved.dtype == t.dtype else t.to(moved.device)
+        if self.weight is not None:
+            self.use_kernel(kernel_for(self.backend, self.weight.device, self.compute_dtype))
         return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        """The weight in its plain layout: a state dict loads anywhere, and pickles."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.weight is not None:
+            destination[prefix + "weight"] = self.plain_weight
+
+    def __getstate__(self) -> dict:
+        """Pickling and deepcopy see the plain weight (a prepacked tensor has no storage)."""
+        state = self.__dict__.copy()
+        if self.weight is not None:
+            state["_buffers"] = self._buffers | {"weight": self.plain_weight}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if self.weight is not None:
+            self._buffers["weight"] = self.kernel.pack(self.weight)
 
     def check_static_ok(self) -> None:
         """Static per-channel activation scales do not factor out of an integer matmul."""
@@ -552,6 +601,8 @@ class DuQuantLinear(nn.Module):
                 f"the pack with load_packed again instead"
             )
             return
+        kernel = self.kernel
+        self.use_kernel(KERNELS[self.backend])  # loaded into the plain layout, then packed again
         scale = state_dict.get(prefix + "act_scale")
         if scale is not None and self.act_scale is None and self.a_bits < 16:
             self.check_static_ok()
@@ -559,6 +610,7 @@ class DuQuantLinear(nn.Module):
             self.act_scale = scale.new_empty(scale.shape, device=dev, dtype=torch.float32)
             self.act_mode, self.calibrated = ACT_STATIC, True
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, *args)
+        self.use_kernel(kernel)
         self.note_shared()
 
     def extra_repr(self) -> str:

@@ -48,6 +48,7 @@ def status(model: nn.Module) -> list[dict[str, Any]]:
                 "precision": f"w{m.w_bits}a{m.a_bits}",
                 "backend": m.backend.value,
                 "backend_reason": m.backend_reason,
+                "kernel": m.kernel.name,
                 "device": None if w is None else str(w.device),
                 "dtype": None if w is None else str(m.compute_dtype).removeprefix("torch."),
                 "weight_dtype": None if w is None else str(w.dtype).removeprefix("torch."),

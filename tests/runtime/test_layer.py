@@ -16,7 +16,7 @@ from duquant_cli.formats.pack import Pack
 from duquant_cli.math.bitpack import unpack_codes
 from duquant_cli.math.quantize import dequantize
 from duquant_cli.runtime import layer as layer_mod
-from duquant_cli.runtime.backends import Backend, rows_eagerly
+from duquant_cli.runtime.backends import KERNELS, Backend, kernel_for, rows_eagerly
 from duquant_cli.runtime.calibrate import calibrating
 from duquant_cli.runtime.layer import DuQuantLinear, entry_problems
 from duquant_cli.runtime.loader import load_packed
@@ -144,8 +144,11 @@ def test_dense_weight_is_bit_identical_to_codes_times_scales(tmp_path: Path, dty
         bits = entry.precision.w_bits
         codes = unpack_codes(t["qweight"], bits, entry.in_features)
         want = dequantize(codes, t["scale"], t.get("zero"), bits).to(dtype)
-        got = model.get_submodule(name).weight
+        layer = model.get_submodule(name)
+        got = layer.plain_weight
         assert got.dtype == dtype and torch.equal(got, want), name
+        # float32 and bfloat16 on CPU: the same weight, prepacked once for oneDNN
+        assert layer.kernel is kernel_for(Backend.DENSE, torch.device("cpu"), dtype)
 
 
 @pytest.mark.parametrize(
@@ -165,7 +168,7 @@ def test_to_dtype_casts_the_weight_and_moves_float32_buffers(tmp_path: Path, cas
     model = clone_model(base)
     load_packed(model, out, backend="dense")
     dq = model.blocks[0]["up"]
-    w32 = dq.weight.clone()
+    w32 = dq.plain_weight.clone()
     kept = {n: b.clone() for n, b in dq.named_buffers() if n in layer_mod.FLOAT32_FIELDS}
     assert {"in2", "out", "bias"} <= kept.keys()
     x = _x(40)
@@ -174,14 +177,15 @@ def test_to_dtype_casts_the_weight_and_moves_float32_buffers(tmp_path: Path, cas
         cast(model)
         assert dq.perm.dtype == torch.int64
         assert dq.weight.dtype == dtype and dq.compute_dtype == dtype
-        assert torch.equal(dq.weight, w32.to(dtype))  # cast, not recomputed
+        assert torch.equal(dq.plain_weight, w32.to(dtype))  # cast, not recomputed
+        assert dq.kernel is kernel_for(Backend.DENSE, torch.device("cpu"), dtype)
         for n, b in kept.items():
             assert torch.equal(getattr(dq, n), b), n
         tol = 1e-6 if dtype == torch.float64 else 3e-2
         got = model(x.to(dtype))
         assert got.dtype == dtype and rel_err(got, want) < tol
         model.float()
-        assert torch.equal(dq.weight, w32.to(dtype).float())
+        assert torch.equal(dq.plain_weight, w32.to(dtype).float())
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -221,15 +225,16 @@ def _ops(fn) -> list[str]:
 
 @pytest.mark.parametrize("dims", [(32, 64, 16), (40, 56, 24)], ids=["full-blocks", "tails"])
 def test_forward_ops_one_gather_one_bmm_per_transform(tmp_path: Path, dims) -> None:
-    """Channels-major forward: a single gather (row-major), one batched matmul per transform
-    (plus an mm and a cat per tail block; the first one reads x transposed in place), one
-    matmul, and the row restore writing the row-major output with one copy per block set;
-    nothing else copies an activation."""
+    """Channels-major forward (torch's dense kernel): a single gather (row-major), one batched
+    matmul per transform (plus an mm and a cat per tail block; the first one reads x
+    transposed in place), one matmul, and the row restore writing the row-major output with
+    one copy per block set; nothing else copies an activation."""
     base = TinyNet(dims=dims)
     out = make_pack(tmp_path, base)  # w4a8 dynamic, perm + in2 + out (restore)
     model = clone_model(base, dims=dims)
     load_packed(model, out, backend="dense")
     layer = model.blocks[0]["up"]
+    layer.use_kernel(KERNELS[Backend.DENSE])
     x = torch.randn(16, dims[0])
     with torch.no_grad():
         ops = _ops(lambda: layer(x))
@@ -375,6 +380,7 @@ def test_half_precision_layers_run_row_major(tmp_path: Path, rotation, tokens: i
     load_packed(model, make_pack(tmp_path, base, rotation=rotation, block_out=8), backend="dense")
     model.to(torch.bfloat16)
     layer = model[0]
+    layer.use_kernel(KERNELS[Backend.DENSE])  # torch's kernel (oneDNN's always runs row-major)
     shared = rotation is Rotation.HADAMARD
     assert layer.inputs_shared == shared
     for f in ("in2_signs", "out_signs"):
@@ -415,6 +421,7 @@ def test_one_token_uses_the_block_signs(tmp_path: Path, backend: str) -> None:
     m = nn.Sequential(nn.Linear(256, 64))
     load_packed(m, make_pack(tmp_path, base, block_out=8), backend=backend)
     layer = m[0]
+    layer.use_kernel(KERNELS[layer.backend])  # torch's kernels: the matmul is an mm for dense
     assert layer.in2_signs is not None and layer.out_signs is not None
     x = torch.randn(1, 256, generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
