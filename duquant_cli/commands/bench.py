@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import itertools
 import json
@@ -21,7 +22,7 @@ from torch import nn
 from duquant_cli.commands.pack import pack
 from duquant_cli.config import Precision, QuantConfig
 from duquant_cli.formats.pack import Pack
-from duquant_cli.runtime.backends import Backend
+from duquant_cli.runtime.backends import KERNELS, Backend
 from duquant_cli.runtime.layer import DuQuantLinear
 
 # pi0.5's large linear shapes (out, in): Gemma-2B attention and MLP.
@@ -177,7 +178,9 @@ def _layer_bytes(m: nn.Module) -> int:
 def _backend_layers(
     packs: dict[str, Pack], bits: str, name: str, dtype
 ) -> dict[str, DuQuantLinear]:
-    """Every backend this layer runs on: dense and int8 from the `bits` pack, int4 from w4a16."""
+    """Every backend this layer runs on: dense and int8 from the `bits` pack, int4 from w4a16;
+    and `dense_torch`, dense on torch's own kernel where its default is oneDNN's prepacked one
+    (what the prepacking buys, measured in the same run)."""
     out = {}
     runs = [(Backend.DENSE, bits), (Backend.INT8, bits)]
     if dtype in (torch.bfloat16, torch.float16):  # auto takes int4 only there (slow on float32)
@@ -189,6 +192,10 @@ def _backend_layers(
         )
         if layer.backend is backend:
             out[backend.value] = layer
+    dense = out[Backend.DENSE.value]
+    if dense.kernel is not KERNELS[Backend.DENSE]:
+        out["dense_torch"] = copy.deepcopy(dense)
+        out["dense_torch"].use_kernel(KERNELS[Backend.DENSE])
     return out
 
 
