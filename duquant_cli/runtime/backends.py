@@ -198,7 +198,17 @@ class Int4Kernel(_TorchLayout):
 
     def linear_t(self, layer: DuQuantLinear, h: torch.Tensor) -> torch.Tensor:
         g = layer.in_features // layer.scale_zero.shape[0]
-        return int4_mm_t(h, layer.weight, g, layer.scale_zero)
+        # Eagerly torch's op itself (see `_onednn_linear`)
+        op = int4_mm_t if torch.compiler.is_compiling() else _int4_mm_t
+        return op(h, layer.weight, g, layer.scale_zero)
+
+
+def _int4_mm_t(
+    h: torch.Tensor, weight: torch.Tensor, group: int, scale_zero: torch.Tensor
+) -> torch.Tensor:
+    x = contiguous_as(h.t(), scale_zero.dtype)
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, weight, group, scale_zero)
+    return y.t().contiguous()
 
 
 @torch.library.custom_op("duquant::int4_mm_t", mutates_args=())
@@ -207,9 +217,7 @@ def int4_mm_t(
 ) -> torch.Tensor:
     """Channels-major int4 matmul. An opaque op, so that torch.compile keeps the contiguous
     token-major input the kernel requires (inductor does not for the aten op itself)."""
-    x = contiguous_as(h.t(), scale_zero.dtype)
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, weight, group, scale_zero)
-    return y.t().contiguous()
+    return _int4_mm_t(h, weight, group, scale_zero)
 
 
 @int4_mm_t.register_fake
@@ -237,7 +245,10 @@ class OneDnnDenseKernel(DenseKernel):
 
     def linear_rows(self, layer: DuQuantLinear, h: torch.Tensor) -> torch.Tensor:
         """h [T, in] -> h W^T [T, out] in the weight's dtype."""
-        return onednn_linear(h.to(layer.weight.dtype), layer.weight)
+        h = h.to(layer.weight.dtype)
+        if h.requires_grad or torch.compiler.is_compiling():
+            return onednn_linear(h, layer.weight)
+        return _onednn_linear(h, layer.weight)  # torch's op itself, see `_onednn_linear`
 
 
 class OneDnnInt8Kernel(Int8Kernel):
@@ -263,14 +274,24 @@ class OneDnnInt8Kernel(Int8Kernel):
     def linear_rows(self, layer: DuQuantLinear, h: torch.Tensor) -> torch.Tensor:
         """Integer-valued h [T, in] in [-128, 127] -> (h W^T) * weight_scale [T, out] float32."""
         u = (torch.add(h, 128) if h.requires_grad else h.add_(128)).to(torch.uint8)
-        return onednn_qlinear(u, layer.weight, layer.weight_scale.view(-1))
+        # Eagerly torch's op itself (see `_onednn_linear`)
+        op = onednn_qlinear if torch.compiler.is_compiling() else _onednn_qlinear
+        return op(u, layer.weight, layer.weight_scale.view(-1))
+
+
+def _onednn_linear(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """torch's op, which the kernels call eagerly rather than through the custom ops (which
+    torch.compile and autograd need): a custom op's first call took 1.0 s (once per process),
+    and every call after it about 0.1 ms more than the op itself, as much as a one-token
+    matmul."""
+    return torch.ops.mkldnn._linear_pointwise(h, weight, None, "none", [], "")
 
 
 @torch.library.custom_op("duquant::onednn_linear", mutates_args=())
 def onednn_linear(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """h @ W^T with W prepacked by oneDNN. An opaque op: torch.compile cannot trace a
     prepacked tensor."""
-    return torch.ops.mkldnn._linear_pointwise(h, weight, None, "none", [], "")
+    return _onednn_linear(h, weight)
 
 
 @onednn_linear.register_fake
@@ -291,12 +312,16 @@ onednn_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
 _ZERO = torch.zeros((), dtype=torch.int64)  # the weights' zero point: symmetric codes
 
 
-@torch.library.custom_op("duquant::onednn_qlinear", mutates_args=())
-def onednn_qlinear(u: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """uint8 u (codes + 128) [T, in] -> float32 ((u - 128) W^T) * scale, W prepacked."""
+def _onednn_qlinear(u: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.ops.onednn.qlinear_pointwise(
         u, 1.0, 128, weight, scale, _ZERO, None, 1.0, 0, torch.float32, "none", [], ""
     )
+
+
+@torch.library.custom_op("duquant::onednn_qlinear", mutates_args=())
+def onednn_qlinear(u: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """uint8 u (codes + 128) [T, in] -> float32 ((u - 128) W^T) * scale, W prepacked."""
+    return _onednn_qlinear(u, weight, scale)
 
 
 @onednn_qlinear.register_fake
