@@ -601,14 +601,14 @@ class DuQuantLinear(nn.Module):
                 f"the pack with load_packed again instead"
             )
             return
-        kernel = self.kernel
-        self.use_kernel(KERNELS[self.backend])  # loaded into the plain layout, then packed again
         scale = state_dict.get(prefix + "act_scale")
         if scale is not None and self.act_scale is None and self.a_bits < 16:
             self.check_static_ok()
             dev = self.weight.device
             self.act_scale = scale.new_empty(scale.shape, device=dev, dtype=torch.float32)
             self.act_mode, self.calibrated = ACT_STATIC, True
+        kernel = self.kernel  # loaded into the plain layout, then packed again
+        self.use_kernel(KERNELS[self.backend])
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, *args)
         self.use_kernel(kernel)
         self.note_shared()

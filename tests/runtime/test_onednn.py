@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from duquant_cli.config import Precision, Scheme
+from duquant_cli.errors import ConfigError
 from duquant_cli.runtime.backends import KERNELS, ONEDNN, Backend, kernel_for
 from duquant_cli.runtime.loader import load_packed
 from duquant_cli.runtime.status import status
@@ -134,3 +135,15 @@ def test_int8_codes_reach_oneDNN_unsigned_and_exact(tmp_path: Path) -> None:
     x = torch.randn(9, DIMS[0], generator=torch.Generator().manual_seed(4)) * 3
     with torch.no_grad():
         assert rel(layer(x), ref(x)) < 1e-5
+
+
+def test_a_refused_state_dict_leaves_the_kernel_as_it_was(tmp_path: Path) -> None:
+    """A state dict with static activation scales is refused by an int8 layer before anything
+    is loaded: the layer keeps its prepacked weight and kernel."""
+    model = _model(tmp_path, "int8")
+    layer = model.get_submodule(LINEARS[0])
+    sd = model.state_dict()
+    sd[LINEARS[0] + ".act_scale"] = torch.ones(layer.in_features)
+    with pytest.raises(ConfigError, match=r"static activation scales need the dense backend"):
+        model.load_state_dict(sd)
+    assert layer.kernel is ONEDNN[Backend.INT8] and layer.weight.is_mkldnn
