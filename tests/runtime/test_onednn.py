@@ -14,6 +14,7 @@ import torch
 from duquant_cli.config import Precision, Scheme
 from duquant_cli.errors import ConfigError
 from duquant_cli.runtime.backends import KERNELS, ONEDNN, Backend, kernel_for
+from duquant_cli.runtime.calibrate import calibrating
 from duquant_cli.runtime.loader import load_packed
 from duquant_cli.runtime.status import status
 from tests.runtime.util import LINEARS, TinyNet, clone_model, make_pack
@@ -147,3 +148,44 @@ def test_a_refused_state_dict_leaves_the_kernel_as_it_was(tmp_path: Path) -> Non
     with pytest.raises(ConfigError, match=r"static activation scales need the dense backend"):
         model.load_state_dict(sd)
     assert layer.kernel is ONEDNN[Backend.INT8] and layer.weight.is_mkldnn
+
+
+def _set_bias(model: TinyNet) -> None:
+    layer = model.get_submodule(LINEARS[1])
+    layer.bias = torch.ones(layer.out_features)
+
+
+def _calibrate(model: TinyNet) -> None:
+    with calibrating(model):
+        model(torch.randn(16, DIMS[0], generator=torch.Generator().manual_seed(5)))
+
+
+def _torch_kernel(model: TinyNet) -> None:
+    model.get_submodule(LINEARS[0]).use_kernel(KERNELS[Backend.DENSE])
+
+
+@pytest.mark.parametrize(
+    ("change", "dtype"),
+    [
+        (lambda m: m.to(torch.bfloat16), torch.bfloat16),
+        (_set_bias, torch.float32),
+        (_calibrate, torch.float32),
+        (_torch_kernel, torch.float32),
+    ],
+    ids=["to", "bias", "calibrate", "kernel"],
+)
+def test_a_forward_sees_what_changed_since_the_last_one(tmp_path: Path, change, dtype) -> None:
+    """The row-major forward gathers its buffers once and keeps them (`_RowPlan`): a model
+    changed after a forward computes what a copy that never ran computes after the same
+    change."""
+    model = _model(tmp_path, "dense")
+    x = torch.randn(5, DIMS[0], generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        before = model(x)
+        fresh = copy.deepcopy(model)
+        change(model)
+        change(fresh)
+        got, want = model(x.to(dtype)), fresh(x.to(dtype))
+    assert got.dtype == want.dtype and torch.equal(got, want)
+    if change is not _torch_kernel:
+        assert not torch.equal(got.float(), before)
