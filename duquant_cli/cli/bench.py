@@ -27,6 +27,14 @@ def bench_cmd(
     threads: Annotated[
         int | None, typer.Option(help="torch threads (default: torch's own).")
     ] = None,
+    stack: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Time each backend as this many distinct copies run in turn, as a model's "
+            "layers (weights out of cache).",
+        ),
+    ] = 1,
     compile_: Annotated[
         bool, typer.Option("--compile", help="Also time torch.compile'd dense against eager.")
     ] = False,
@@ -39,10 +47,10 @@ def bench_cmd(
 
     if threads:
         torch.set_num_threads(threads)
-    result: dict = {"threads": torch.get_num_threads()}
+    result: dict = {"threads": torch.get_num_threads(), "stack": stack}
     if part in (Part.ALL, Part.FORWARD):
         shapes = tuple((o // 4, i // 4) for o, i in FORWARD_SHAPES) if small else FORWARD_SHAPES
-        fwd = bench(shapes=shapes, bits=bits, block=block, repeats=repeats)
+        fwd = bench(shapes=shapes, bits=bits, block=block, repeats=repeats, stack=stack)
         result |= {"layer_pack": fwd.pack, "forward": fwd.forward, "memory": fwd.memory}
         if compile_:
             result["compile"] = bench_compile(shapes=shapes, repeats=repeats)
@@ -88,6 +96,8 @@ def _print(result: dict) -> None:
         )
         cols = ("shape", "dtype", "tokens", "nn.Linear us", *backends, "1st/2nd (nn.Linear)")
         title = "forward: time / nn.Linear time at the same dtype (median, interleaved)"
+        if result["stack"] > 1:
+            title += f", stacks of {result['stack']} copies"
         out.print(_table(title, cols, rows))
         rows = (
             (

@@ -135,29 +135,36 @@ def _interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str
 
 
 def _time_forward(
-    lin: nn.Linear, layers: dict[str, nn.Module], tokens: int, dtype, repeats: int
+    lins: list[nn.Linear], layers: dict[str, list[nn.Module]], tokens: int, dtype, repeats: int
 ) -> dict:
-    """One row: nn.Linear and every backend on the same input, timed in alternation."""
+    """One row: nn.Linear and every backend on the same input, timed in alternation. Each is a
+    list of distinct copies run in turn (`stack`), timed per call."""
+    lin = lins[0]
     x = torch.randn(tokens, lin.in_features, dtype=dtype)
     row: dict = {
         "shape": [lin.out_features, lin.in_features],
         "dtype": str(dtype).removeprefix("torch."),
         "tokens": tokens,
     }
+
+    def run(mods: list[nn.Module]) -> None:
+        for m in mods:
+            m(x)
+
     with torch.inference_mode():
         # First and second call, for nn.Linear and the first backend alike: a first call may pay
         # the BLAS library's one-time kernel set-up; the layer itself computes nothing lazily.
-        for key, fn in (("linear", lin), ("", next(iter(layers.values())))):
+        for key, fn in (("linear", lin), ("", next(iter(layers.values()))[0])):
             for which in ("first", "second"):
                 t0 = time.perf_counter()
                 fn(x)
                 row[f"{key}_{which}_us".lstrip("_")] = (time.perf_counter() - t0) * 1e6
-        fns = {"linear": lambda: lin(x)} | {k: (lambda m=m: m(x)) for k, m in layers.items()}
+        fns = {"linear": lambda: run(lins)} | {k: (lambda m=m: run(m)) for k, m in layers.items()}
         med = _interleaved(fns, repeats)
-    row["linear_us"] = med.pop("linear") * 1e6
+    row["linear_us"] = med.pop("linear") * 1e6 / len(lins)
     for k, v in med.items():
-        row[f"{k}_us"] = v * 1e6
-        row[f"{k}_ratio"] = v * 1e6 / row["linear_us"]
+        row[f"{k}_us"] = v * 1e6 / len(lins)
+        row[f"{k}_ratio"] = row[f"{k}_us"] / row["linear_us"]
     return row
 
 
@@ -206,9 +213,14 @@ def bench(
     bits: str = "w4a8",
     block: int = 16,
     repeats: int = 20,
+    stack: int = 1,
 ) -> BenchResult:
     """Pack the shapes once (at `bits` and at w4a16), then time every backend against
-    nn.Linear of the same dtype, and count each backend's bytes."""
+    nn.Linear of the same dtype, and count each backend's bytes. With `stack` > 1 each is timed
+    as that many distinct copies run in turn, as a model runs its layers: every call finds its
+    weights out of cache, and none always follows the same other one (with one copy each, the
+    backend timed right after nn.Linear measured up to 0.2 slower in ratio than the same layer
+    later in the round)."""
     res = BenchResult()
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "bench.safetensors"
@@ -247,9 +259,13 @@ def bench(
                             "vs_bf16_weight": _layer_bytes(layer) / (2 * o * n),
                         }
                     )
+                lins = [lin, *(copy.deepcopy(lin) for _ in range(stack - 1))]
+                stacks = {
+                    k: [m, *(copy.deepcopy(m) for _ in range(stack - 1))] for k, m in layers.items()
+                }
                 for t in tokens:
-                    res.forward.append(_time_forward(lin, layers, t, dtype, repeats))
-                del lin, layers
+                    res.forward.append(_time_forward(lins, stacks, t, dtype, repeats))
+                del lin, lins, layers, stacks
                 gc.collect()
     return res
 

@@ -549,6 +549,10 @@ class DuQuantLinear(nn.Module):
         self.__dict__.pop("_plan", None)  # whatever changed, `_row_plan` gathers it again
         super().__setattr__(name, value)
 
+    def __delattr__(self, name: str) -> None:
+        self.__dict__.pop("_plan", None)
+        super().__delattr__(name)
+
     def register_buffer(self, name: str, tensor: torch.Tensor | None, persistent: bool = True):
         self.__dict__.pop("_plan", None)
         super().register_buffer(name, tensor, persistent)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 import torch
+from torch import nn
 
-from duquant_cli.commands.bench import bench, bench_compile, bench_pack
+from duquant_cli.commands.bench import _time_forward, bench, bench_compile, bench_pack
 from duquant_cli.runtime.backends import Backend, kernel_for
 from tests.commands.kinds import run
 
@@ -69,3 +70,35 @@ def test_cli_json_and_tables() -> None:
     for title in ("pack time per layer", "forward: time / nn.Linear", "memory per layer"):
         assert title in text.output
     assert "4096x512" in text.output and "int4" in text.output
+
+
+class _Counted(nn.Linear):
+    calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return super().forward(x)
+
+
+def test_a_stack_runs_every_copy_each_repeat() -> None:
+    """With `stack` copies, every copy of nn.Linear and of each backend runs in every repeat
+    (after one warm-up round); the first copies also take the first and second call."""
+    lins = [_Counted(8, 4) for _ in range(3)]
+    layers = {"dense": [_Counted(8, 4) for _ in range(3)]}
+    row = _time_forward(lins, layers, tokens=2, dtype=torch.float32, repeats=4)
+    for mods in (lins, layers["dense"]):
+        assert [m.calls for m in mods] == [7, 5, 5]
+    assert row["dense_ratio"] == row["dense_us"] / row["linear_us"] > 0
+
+
+def test_cli_stack_option() -> None:
+    threads = torch.get_num_threads()
+    args = ("bench", "--part", "forward", "--small", "--repeats", "1", "--threads", "1")
+    try:
+        res = run(*args, "--stack", "2", "--json")
+        bad = run(*args, "--stack", "0")
+    finally:
+        torch.set_num_threads(threads)
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["stack"] == 2
+    assert bad.exit_code != 0 and "--stack" in bad.output
