@@ -7,7 +7,13 @@ import json
 import torch
 from torch import nn
 
-from duquant_cli.commands.bench import _time_forward, bench, bench_compile, bench_pack
+from duquant_cli.commands.bench import (
+    _interleaved,
+    _time_forward,
+    bench,
+    bench_compile,
+    bench_pack,
+)
 from duquant_cli.runtime.backends import Backend, kernel_for
 from tests.commands.kinds import run
 
@@ -102,3 +108,15 @@ def test_cli_stack_option() -> None:
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)["stack"] == 2
     assert bad.exit_code != 0 and "--stack" in bad.output
+
+
+def test_rounds_run_in_changing_orders() -> None:
+    """No function always follows the same other one: each round takes a new order, and
+    every function runs once per round (after one warm-up call)."""
+    seen: list[str] = []
+    fns = {k: (lambda k=k: seen.append(k)) for k in "abcd"}
+    med = _interleaved(fns, repeats=6)
+    assert med.keys() == set("abcd")
+    rounds = [tuple(seen[i : i + 4]) for i in range(4, len(seen), 4)]
+    assert len(rounds) == 6 and all(sorted(r) == list("abcd") for r in rounds)
+    assert len(set(rounds)) > 1
