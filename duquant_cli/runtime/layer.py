@@ -154,8 +154,9 @@ class _RowBlocks:
     ) -> _RowBlocks | None:
         if blocks is None:
             return None
-        first = None if signs is None else blocks[0]
-        return cls(blocks, tail, None if signs is None else signs.reshape(-1), first)
+        if signs is None:
+            return cls(blocks, tail, None, None)
+        return cls(blocks, tail, signs.reshape(-1), blocks[0])
 
     def __call__(self, h: torch.Tensor, compiling: bool) -> torch.Tensor:
         """Row-major h [T, n] -> h @ blockdiag(R, tail) [T, n], h this forward's own (its signs
