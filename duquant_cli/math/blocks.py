@@ -59,9 +59,15 @@ def apply_blocks(
 
 
 def apply_blocks_rows(w: torch.Tensor, bd: BlockDiag) -> torch.Tensor:
-    """blockdiag(R) @ w: each row block of w left-multiplied by its R (the output-side rotation)."""
-    out = apply_blocks(w.mT, bd.blocks.mT, None if bd.tail is None else bd.tail.mT)
-    return out.mT.contiguous()
+    """blockdiag(R) @ w: each row block of w left-multiplied by its R (the output-side rotation),
+    as one batched matmul over w's row blocks in place, into one new weight-sized tensor."""
+    n_blocks, b, _ = bd.blocks.shape
+    head = n_blocks * b
+    out = w.new_empty(w.shape)
+    torch.bmm(bd.blocks, w[:head].reshape(n_blocks, b, -1), out=out[:head].view(n_blocks, b, -1))
+    if bd.tail is not None:
+        torch.mm(bd.tail, w[head:], out=out[head:])
+    return out
 
 
 def stack_blocks(n: int, block: int, make) -> BlockDiag:

@@ -8,7 +8,9 @@ values, so `torch.compile(fullgraph=True)` traces it whole.
 Everything but the matmul runs in float32 whatever the model's dtype: the transforms, the
 activation quantization, the scale, bias and restore. Those are a few small ops on activations;
 float32 ops are the fast ones on CPU and cheap anywhere, and the quantization grid is then the
-same in every dtype. Only the matmul runs in the weight's dtype (or in integers).
+same in every dtype. Only the matmul runs in the weight's dtype (or in integers). The dense
+backend's weight holds the restore and its matmul takes the activations scaled back, so that
+it writes the output (see `backends`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ from duquant_cli.runtime.backends import (
     Kernel,
     choose_backend,
     contiguous_as,
+    fold_restore,
     kernel_for,
+    restores_rows,
     rows_eagerly,
     rows_weight_first,
 )
@@ -208,6 +212,12 @@ class _RowPlan:
     observer: object | None
 
 
+def _fake_quant(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Integer-valued q scaled back by its per-token scale, before the dense matmul: in place
+    where autograd does not need q (it is the forward's own)."""
+    return torch.mul(q, scale) if q.requires_grad else q.mul_(scale)
+
+
 def _gather_columns(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """x[:, perm] in float32, as a new tensor. Half-precision x is gathered before the cast, as
     int16: torch.gather moved those two-byte elements in a third of the time the float32 gather
@@ -218,6 +228,18 @@ def _gather_columns(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     x = x.contiguous()
     codes = torch.gather(x.view(torch.int16), 1, perm.expand(x.shape[0], -1))
     return codes.view(x.dtype).float()
+
+
+def _fold_saved_restore(state: dict, prefix: str) -> None:
+    """A dense layer's state dict of format 2 or 3 (`out` kept, the weight without it, the bias
+    rotated back by it) as format 4 holds it: the restore folded into the weight, the bias
+    rotated forward again (b R^T R = b)."""
+    out, tail = state.pop(prefix + "out"), state.pop(prefix + "out_tail", None)
+    w = state[prefix + "weight"]
+    state[prefix + "weight"] = fold_restore(w.float(), out, tail).to(w.dtype)
+    if prefix + "bias" in state:
+        b = state[prefix + "bias"].float()
+        state[prefix + "bias"] = apply_blocks(b, out.to(b), None if tail is None else tail.to(b))
 
 
 def _block_problems(refs: dict, field: str, dim: int) -> list[str]:
@@ -282,11 +304,12 @@ class DuQuantLinear(nn.Module):
 
     Buffers (None when the pack has no such transform), all on one device:
         perm: int64 [in]; in1, in2: [n_blocks, B, B], in1_tail, in2_tail: [t, t]; out:
-        [n_row_blocks, Bo, Bo], out_tail (restore mode only); every block as the pack stores
-        it (the channels-major eager forward reads the input blocks transposed in place, the
-        compiled form as stored: the layout inductor vectorizes);
-        bias: [out], rotated back by the restore's R^T (restore mode) or by the pack
-        (propagate mode), so that it is added before the restore;
+        [n_row_blocks, Bo, Bo], out_tail (restore mode, integer backends: dense folds the
+        restore into its weight); every block as the pack stores it (the channels-major eager
+        forward reads the input blocks transposed in place, the compiled form as stored: the
+        layout inductor vectorizes);
+        bias: [out], rotated back by the restore's R^T where `out` is kept (so that it is
+        added before the restore) or by the pack (propagate mode);
         act_scale: [in] static per-channel activation scales, in the transformed basis;
         the backend's weight buffers (see `Backend`): in the compute dtype for dense and int4.
     The blocks, bias and scales stay float32 (`FLOAT32_FIELDS`): `model.to(...)` moves every
@@ -298,8 +321,10 @@ class DuQuantLinear(nn.Module):
     """
 
     # State dict layout: 2 stores `out` untransposed and `bias` rotated back by the restore;
-    # 3 also stores the input blocks untransposed (2's are transposed on loading).
-    _version = 3
+    # 3 also stores the input blocks untransposed (2's are transposed on loading); 4 has dense
+    # layers fold the restore into the weight, with the bias as it is (2 and 3's are folded on
+    # loading).
+    _version = 4
 
     def __init__(
         self,
@@ -381,7 +406,8 @@ class DuQuantLinear(nn.Module):
         for f in ("in1", "in1_tail", "in2", "in2_tail"):
             if f in tensors:
                 setattr(layer, f, put(tensors[f]))
-        restore = row_rot == "restore" and "out" in tensors
+        # The dense kernels fold the restore into their weight (`fold_restore`).
+        restore = restores_rows(entry, tensors) and not layer.kernel.restores
         if restore:
             layer.out = put(tensors["out"])
             if "out_tail" in tensors:
@@ -450,8 +476,11 @@ class DuQuantLinear(nn.Module):
             self.observer(self, h.t())
         scale = None
         if self.act_mode == ACT_DYNAMIC:
-            # Per-token: the token's scale factors out of the matmul and is applied after it.
+            # Per-token: the token's scale factors out of the matmul and is applied after it,
+            # by the integer kernels; the dense ones take h scaled back (`_fake_quant`).
             h, scale = self._quant_tokens(h, *_token_min_max(h))
+            if self.backend is Backend.DENSE:
+                h, scale = _fake_quant(h, scale), None
         elif self.act_mode == ACT_STATIC:
             qmax = (1 << (self.a_bits - 1)) - 1
             s = self.act_scale.view(-1, 1)
@@ -583,31 +612,39 @@ class DuQuantLinear(nn.Module):
         scale = None
         if p.act_mode == ACT_DYNAMIC:
             h, scale = self._quant_tokens(h, h.amin(1, keepdim=True), h.amax(1, keepdim=True))
+            if p.dense:
+                h, scale = _fake_quant(h, scale), None
         elif p.act_mode == ACT_STATIC:
             qmax = (1 << (self.a_bits - 1)) - 1
             s = p.act_scale.view(1, -1)
             h = torch.div(h, s).round_().clamp_(-qmax - 1, qmax).mul_(s)
-        # Autocast picks the dense matmul's dtype: torch's mm, on the plain weight.
-        if p.kernel.rows and not (p.dense and torch.is_autocast_enabled(x.device.type)):
-            y = p.kernel.linear_rows(self, h)
-        else:
-            w = self.plain_weight
-            if compiling and rows_weight_first(w.dtype, h.shape[0], self.in_features):
-                y = torch.mm(w, h.t().to(w.dtype).contiguous()).t()
-            else:
-                y = torch.mm(h.to(w.dtype), w.t())
-        # In float32 first: row-major, a half-precision y by a float32 [T, 1] scale ran 10-20x
-        # slower than the cast and a float32 product (0.3 ms for [64, 2048] on an EPYC).
-        # In place where autograd does not need y (it is this forward's own).
-        out_dtype = x.dtype if p.int8 else y.dtype
-        y = y.float()
+        if p.dense:
+            return self._dense_rows(h, p, compiling)
+        # int8 on oneDNN: float32 with the weight scale applied. In place where autograd does
+        # not need y (it is this forward's own).
+        y = p.kernel.linear_rows(self, h)
         if scale is not None:
             y = torch.mul(y, scale) if y.requires_grad else y.mul_(scale)
         if p.bias is not None:
             y = torch.add(y, p.bias) if y.requires_grad else y.add_(p.bias)
         if p.out is not None:
             y = p.out(y, compiling)
-        return contiguous_as(y, out_dtype)
+        return contiguous_as(y, x.dtype)
+
+    def _dense_rows(self, h: torch.Tensor, p: _RowPlan, compiling: bool) -> torch.Tensor:
+        """h [T, in] (quantized, scaled back) -> h W^T + bias [T, out] in the matmul's dtype:
+        oneDNN's matmul adds the bias itself. Autocast picks the matmul's dtype: torch's mm,
+        on the plain weight."""
+        if p.kernel.rows and not torch.is_autocast_enabled(h.device.type):
+            return p.kernel.linear_rows(self, h, p.bias)
+        w = self.plain_weight
+        if compiling and rows_weight_first(w.dtype, h.shape[0], self.in_features):
+            y = torch.mm(w, h.t().to(w.dtype).contiguous()).t()
+        else:
+            y = torch.mm(h.to(w.dtype), w.t())
+        if p.bias is None:
+            return y.contiguous()
+        return contiguous_as(torch.add(y.float(), p.bias), y.dtype)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -665,20 +702,23 @@ class DuQuantLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, *args) -> None:
         """A state dict holding calibrated scales loads into a layer that has none yet. One saved
-        by format 2 has its input blocks transposed back; an earlier one (other meaning of `out`
-        and `bias`) is refused, not misread."""
+        by format 2 has its input blocks transposed back, one by a dense layer of format 2 or 3
+        its restore folded into the weight; an earlier one (other meaning of `out` and `bias`)
+        is refused, not misread. (load_state_dict hands each module its own copy of the dict.)"""
         version = local_metadata.get("version")
         if version == 2:  # input blocks stored as R^T
             for f in ("in1", "in1_tail", "in2", "in2_tail"):
                 if prefix + f in state_dict:
                     state_dict[prefix + f] = state_dict[prefix + f].mT
-        elif version is not None and version < self._version:
+        elif version is not None and version < 2:
             args[-1].append(  # error_msgs: load_state_dict raises with every module's
                 f"{prefix}: state dict of DuQuant layer format {version}, this is "
                 f"{self._version} (the restore blocks and bias are stored differently): load "
                 f"the pack with load_packed again instead"
             )
             return
+        if self.backend is Backend.DENSE and prefix + "out" in state_dict:
+            _fold_saved_restore(state_dict, prefix)
         scale = state_dict.get(prefix + "act_scale")
         if scale is not None and self.act_scale is None and self.a_bits < 16:
             self.check_static_ok()

@@ -48,7 +48,8 @@ def layer_bytes(
     dense dequantizes the weight once to [out, in] in `dtype`; int8 keeps int8 codes and float32
     per-channel scales; int4 keeps torch's packed layout (half a byte a weight) and a scale and
     zero per kernel group in `dtype`. Transforms, bias and static scales are float32 in every
-    dtype; the permutation is int64; output blocks are dropped unless rows are restored.
+    dtype; the permutation is int64; output blocks are kept only where rows are restored by
+    an integer backend (dense folds the restore into its weight).
     `rotation` (the manifest's) says which block stacks also keep row signs (`sign_factored`).
     """
     size = DTYPE_BYTES[dtype]
@@ -65,7 +66,8 @@ def layer_bytes(
         n = out_features * in_features // 2 + (in_features // g) * out_features * 2 * size
     else:
         raise ValueError(f"unknown backend {backend!r}")
-    blocks = _IN_BLOCKS + (_OUT_BLOCKS if row_rot == "restore" else ())
+    restored = row_rot == "restore" and backend != "dense"
+    blocks = _IN_BLOCKS + (_OUT_BLOCKS if restored else ())
     n += sum(prod(fields[f]) * fsize for f in blocks if f in fields)
     signed = [f for f in sign_factored(rotation) if f in blocks and f in fields]
     n += sum(prod(fields[f][:2]) * fsize for f in signed if fields[f][0] > 1)

@@ -30,13 +30,15 @@ def test_forward_rows_cover_every_backend_and_memory_counts_buffers() -> None:
         assert {k.removesuffix("_ratio") for k in r if k.endswith("_ratio")} == want
         assert all(r[f"{b}_us"] > 0 for b in want) and r["linear_us"] > 0
     mem = {(r["backend"], r["dtype"]): r for r in res.memory}
-    # dense: the [out, in] weight in the dtype, plus float32 transforms (Hadamard blocks and
-    # their row signs) and the int64 perm
+    # dense: the [out, in] weight in the dtype (the row restore folded in), plus float32 input
+    # transforms (Hadamard blocks and their row signs) and the int64 perm; int8 also holds
+    # the row restore's blocks and signs
     w = 64 * 128
-    extra = (128 * 16 + 64 * 16 + 128 + 64) * 4 + 128 * 8
+    extra = (128 * 16 + 128) * 4 + 128 * 8
+    out_blocks = (64 * 16 + 64) * 4
     assert mem["dense", "float32"]["bytes"] == w * 4 + extra  # prepacked: the same bytes
     assert mem["dense", "bfloat16"]["bytes"] == w * 2 + extra
-    assert mem["int8", "float32"]["bytes"] == w + 64 * 4 + extra
+    assert mem["int8", "float32"]["bytes"] == w + 64 * 4 + extra + out_blocks
     assert mem["int4", "bfloat16"]["vs_bf16_weight"] < mem["int8", "bfloat16"]["vs_bf16_weight"]
 
 

@@ -15,10 +15,12 @@ from torch import nn
 from duquant_cli.config import Precision, RowRot
 from duquant_cli.errors import ConfigError, MismatchError, PackError
 from duquant_cli.formats.pack import MANIFEST, Pack
+from duquant_cli.math.bitpack import unpack_codes
+from duquant_cli.math.quantize import dequantize
 from duquant_cli.runtime.calibrate import calibrating
 from duquant_cli.runtime.layer import DuQuantLinear
 from duquant_cli.runtime.loader import LoadReport, load_packed, module_name
-from tests.helpers import rel_err
+from tests.helpers import dense, rel_err
 from tests.runtime.util import (
     LINEARS,
     W16A16,
@@ -75,9 +77,9 @@ def test_old_weights_are_released(packed) -> None:
 
 
 def test_bytes_after_close_to_before_for_a_large_layer(tmp_path: Path) -> None:
-    """Dense w4a8 keeps the dequantized weight in fp32: the same bytes plus the transforms
-    (perm int64 [in], in2 and out blocks, B/in + B/out + 2/out of the weight, and the Hadamard
-    blocks' row signs, 1/in + 1/out)."""
+    """Dense w4a8 keeps the dequantized weight in fp32, the row restore folded in: the same
+    bytes plus the input transforms (perm int64 [in], in2 blocks, B/out of the weight, and
+    their row signs, 1/out)."""
     lin = nn.Linear(512, 512)
     base = nn.Sequential(lin)
     out = make_pack(tmp_path, base)
@@ -85,7 +87,7 @@ def test_bytes_after_close_to_before_for_a_large_layer(tmp_path: Path) -> None:
     model.load_state_dict(base.state_dict())
     report = load_packed(model, out, backend="dense")
     assert report.bytes_before == 4 * (512 * 512 + 512)
-    overhead = 8 * 512 + 2 * 4 * 512 * 16 + 2 * 4 * 512  # perm, in2 and out, their signs
+    overhead = 8 * 512 + 4 * 512 * 16 + 4 * 512  # perm, in2, its signs
     assert report.bytes_after == report.bytes_before + overhead
     assert report.bytes_after <= 1.1 * report.bytes_before
 
@@ -139,7 +141,8 @@ def test_state_dict_round_trip_into_a_fresh_model(tmp_path: Path, packed) -> Non
     with torch.no_grad():
         want = model(x)
     state = model.state_dict()
-    assert {"proj.weight", "proj.perm", "proj.in2", "proj.out", "proj.act_scale"} <= set(state)
+    assert {"proj.weight", "proj.perm", "proj.in2", "proj.act_scale"} <= set(state)
+    assert "proj.out" not in state  # folded into the weight
     torch.save(state, tmp_path / "state.pt")
 
     fresh = TinyNet(seed=1)  # other weights: everything must come from the state dict
@@ -156,7 +159,7 @@ def test_state_dict_of_an_earlier_layer_format_is_refused(tmp_path: Path, packed
     model = clone_model(base)
     load_packed(model, out, backend="dense")
     state = model.state_dict()
-    assert state._metadata["proj"]["version"] == 3
+    assert state._metadata["proj"]["version"] == 4
     state._metadata["proj"]["version"] = 1
     fresh = clone_model(base)
     load_packed(fresh, out, backend="dense")
@@ -184,6 +187,34 @@ def test_state_dict_of_layer_format_2_loads(tmp_path: Path, packed) -> None:
     fresh.load_state_dict(state)
     with torch.no_grad():
         assert torch.equal(fresh(x), want)
+
+
+def test_state_dict_of_layer_format_3_loads(tmp_path: Path, packed) -> None:
+    """Format 3 held a dense layer's weight without the row restore, its `out` blocks and the
+    bias rotated back by them: loading folds the restore in, as load_packed does now."""
+    base, out = packed
+    model = clone_model(base)
+    load_packed(model, out, backend="dense")
+    x = torch.randn(3, 40)
+    with torch.no_grad():
+        want = model(x)
+    state, pack = model.state_dict(), Pack.open(out)
+    for name in LINEARS:
+        t, entry = pack.load(name), pack.layers[name]
+        state._metadata[name]["version"] = 3
+        codes = unpack_codes(t["qweight"], entry.precision.w_bits, entry.in_features)
+        state[f"{name}.weight"] = dequantize(codes, t["scale"], t.get("zero"), 4)
+        for f in ("out", "out_tail"):
+            if f in t:
+                state[f"{name}.{f}"] = t[f]
+        if f"{name}.bias" in state:
+            state[f"{name}.bias"] = state[f"{name}.bias"] @ dense(t, "out").T
+    fresh = TinyNet(seed=1)
+    load_packed(fresh, out, backend="dense")
+    fresh.load_state_dict(state)
+    assert fresh.proj.out is None
+    with torch.no_grad():
+        assert rel_err(fresh(x), want) < 1e-6
 
 
 # --- refusals: one error listing every problem, the model untouched --------------------------
