@@ -38,6 +38,13 @@ def bench_cmd(
     compile_: Annotated[
         bool, typer.Option("--compile", help="Also time torch.compile'd dense against eager.")
     ] = False,
+    calibrated: Annotated[
+        bool,
+        typer.Option(
+            help="Forward: pack from synthetic calibration statistics (smoothing, greedy "
+            "rotations), as a calibrated model's pack, rather than data-free.",
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Measure pack speed, forward speed against nn.Linear, and memory, side by side."""
@@ -47,13 +54,20 @@ def bench_cmd(
 
     if threads:
         torch.set_num_threads(threads)
-    result: dict = {"threads": torch.get_num_threads(), "stack": stack}
+    result: dict = {"threads": torch.get_num_threads(), "stack": stack, "calibrated": calibrated}
     if part in (Part.ALL, Part.FORWARD):
         shapes = tuple((o // 4, i // 4) for o, i in FORWARD_SHAPES) if small else FORWARD_SHAPES
-        fwd = bench(shapes=shapes, bits=bits, block=block, repeats=repeats, stack=stack)
+        fwd = bench(
+            shapes=shapes,
+            bits=bits,
+            block=block,
+            repeats=repeats,
+            stack=stack,
+            calibrated=calibrated,
+        )
         result |= {"layer_pack": fwd.pack, "forward": fwd.forward, "memory": fwd.memory}
         if compile_:
-            result["compile"] = bench_compile(shapes=shapes, repeats=repeats)
+            result["compile"] = bench_compile(shapes=shapes, repeats=repeats, calibrated=calibrated)
     if part in (Part.ALL, Part.PACK):
         result["pack"] = bench_pack(small=small, block=block, bits=bits)
     if as_json:
@@ -98,6 +112,8 @@ def _print(result: dict) -> None:
         title = "forward: time / nn.Linear time at the same dtype (median, interleaved)"
         if result["stack"] > 1:
             title += f", stacks of {result['stack']} copies"
+        if result["calibrated"]:
+            title += ", calibrated packs"
         out.print(_table(title, cols, rows))
         rows = (
             (

@@ -20,9 +20,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from duquant_cli.commands.pack import pack
+from duquant_cli.commands.pack import calibrated_config, pack
 from duquant_cli.config import Precision, QuantConfig
 from duquant_cli.formats.pack import Pack
+from duquant_cli.formats.stats import LayerStats, Stats
 from duquant_cli.runtime.backends import KERNELS, Backend
 from duquant_cli.runtime.layer import DuQuantLinear
 
@@ -183,6 +184,37 @@ def _write_checkpoint(path: Path, shapes: Iterable[tuple[int, int]], seed: int =
     save_file(tensors, str(path))
 
 
+# Rows of synthetic calibration statistics per layer, and how many of their channels are
+# outliers, 50x the rest (the massive activations of real LLM inputs).
+_STATS_ROWS, _OUTLIERS = 512, 8
+
+
+def _synthetic_stats(shapes: Iterable[tuple[int, int]], seed: int = 0) -> Stats:
+    """Statistics for `_write_checkpoint`'s layers: Gaussian rows with a few outlier channels."""
+    gen = torch.Generator().manual_seed(seed)
+    layers = {}
+    for i, (_, n) in enumerate(shapes):
+        rows = torch.randn(_STATS_ROWS, n, generator=gen)
+        rows[:, :_OUTLIERS] *= 50
+        layers[f"layers.{i}"] = LayerStats(rows.abs().amax(0), rows, _STATS_ROWS)
+    return Stats(layers)
+
+
+def _pack_shapes(
+    ckpt: Path, out: Path, shapes, bits: str, block: int, calibrated: bool
+) -> tuple[Pack, list]:
+    """(the pack, per-layer results) of `_write_checkpoint`'s layers: data-free, or from
+    synthetic statistics with the calibrated defaults (smoothing, greedy rotations, GPTQ):
+    what a calibrated model's pack holds."""
+    precision = Precision.parse(bits)
+    if calibrated:
+        cfg = calibrated_config(precision=precision, block=block)
+        summary = pack(ckpt, out, config=cfg, stats=_synthetic_stats(shapes))
+    else:
+        summary = pack(ckpt, out, config=QuantConfig(precision=precision, block=block))
+    return Pack.open(out), summary.layers
+
+
 def _layer_bytes(m: nn.Module) -> int:
     held = list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))
     return sum(t.numel() * t.element_size() for t in held)
@@ -220,20 +252,19 @@ def bench(
     block: int = 16,
     repeats: int = 20,
     stack: int = 1,
+    calibrated: bool = False,
 ) -> BenchResult:
-    """Pack the shapes once (at `bits` and at w4a16), then time every backend against
-    nn.Linear of the same dtype, and count each backend's bytes. With `stack` > 1 each is timed
-    as that many distinct copies run in turn, as a model runs its layers: every call finds its
-    weights out of cache."""
+    """Pack the shapes once (at `bits` and at w4a16; `calibrated`: from synthetic statistics),
+    then time every backend against nn.Linear of the same dtype, and count each backend's
+    bytes. With `stack` > 1 each is timed as that many distinct copies run in turn, as a model
+    runs its layers: every call finds its weights out of cache."""
     res = BenchResult()
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "bench.safetensors"
         _write_checkpoint(ckpt, shapes)
         packs = {}
         for b in (bits, "w4a16"):
-            cfg = QuantConfig(precision=Precision.parse(b), block=block)
-            summary = pack(ckpt, Path(tmp) / b, config=cfg)
-            packs[b] = Pack.open(Path(tmp) / b)
+            packs[b], layers = _pack_shapes(ckpt, Path(tmp) / b, shapes, b, block, calibrated)
             if b == bits:
                 res.pack = [
                     {
@@ -241,7 +272,7 @@ def bench(
                         "seconds": r.seconds,
                         "mb_per_s": r.source_bytes / 1e6 / r.seconds,
                     }
-                    for r in summary.layers
+                    for r in layers
                 ]
         with safe_open(str(ckpt), framework="pt") as f:
             weights = {k.removesuffix(".weight"): f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
@@ -279,6 +310,7 @@ def bench_compile(
     tokens: int = 64,
     dtypes: tuple[torch.dtype, ...] = DTYPES,
     repeats: int = 20,
+    calibrated: bool = False,
 ) -> list[dict]:
     """torch.compile(fullgraph=True) of the dense layer against the same layer eager and against
     nn.Linear, side by side, per shape and dtype; with the relative output difference (the
@@ -288,8 +320,7 @@ def bench_compile(
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "c.safetensors"
         _write_checkpoint(ckpt, shapes)
-        pack(ckpt, Path(tmp) / "p")
-        p = Pack.open(Path(tmp) / "p")
+        p, _ = _pack_shapes(ckpt, Path(tmp) / "p", shapes, "w4a8", 16, calibrated)
         for (name, entry), dtype in itertools.product(p.layers.items(), dtypes):
             layer = DuQuantLinear.from_pack(entry, p.load(name), bias=None, dtype=dtype)
             rows.append(_compile_row(layer, tokens, repeats))

@@ -77,16 +77,25 @@ def stack_blocks(n: int, block: int, make) -> BlockDiag:
     return BlockDiag(make(n_blocks, b), make(1, tail)[0] if tail else None)
 
 
-def block_signs(blocks: torch.Tensor) -> torch.Tensor | None:
-    """Signs d [n_blocks, B] with every block R_k = diag(d_k) R_0 exactly, for two blocks or
-    more; else None. DuQuant's rotations are one matrix per layer (d = 1), the data-free
-    Hadamard blocks one matrix with random row signs per block: the runtime then applies a
-    block transform as a sign flip and one matmul over all blocks' rows."""
+# Per row, the relative error up to which a block stack counts as one matrix up to row scales:
+# far above float32 rounding (the scales are found in float64 from float32 blocks, 6e-8 of a
+# row off for a calibrated pack's smoothed blocks), far below any other matrix.
+ROW_SCALE_TOL = 1e-5
+
+
+def block_row_scales(blocks: torch.Tensor) -> torch.Tensor | None:
+    """Scales d [n_blocks, B] with every block R_k = diag(d_k) R_0 (each row within
+    `ROW_SCALE_TOL` of its norm), for two blocks or more; else None. DuQuant's rotations are one
+    matrix per layer (d = 1), the data-free Hadamard blocks one matrix with random row signs per
+    block (d = +-1, exactly), a calibrated pack's first transform diag(1/s_k) R1 (d = s_0 / s_k):
+    the runtime then applies a block transform as one elementwise product and one matmul over
+    all blocks' rows."""
     if blocks.shape[0] < 2:
         return None
-    first = blocks[:1]
-    d = torch.where((blocks * first).sum(-1) < 0, -1.0, 1.0).to(blocks.dtype)
-    return d if torch.equal(blocks, d.unsqueeze(-1) * first) else None
+    b, first = blocks.double(), blocks[:1].double()
+    d = (b * first).sum(-1) / (first * first).sum(-1)
+    err = (d.unsqueeze(-1) * first - b).norm(dim=-1)
+    return d.to(blocks.dtype) if (err <= ROW_SCALE_TOL * b.norm(dim=-1)).all() else None
 
 
 def orthogonality_error(bd: BlockDiag) -> float:

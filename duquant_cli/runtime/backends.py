@@ -171,8 +171,8 @@ def rows_eagerly(dtype: torch.dtype, tokens: int, in_features: int, shared: bool
     its matmul takes nn.Linear's order, which the channels-major forward reaches only through
     a slow transposing copy. That is from `weight_first_from` tokens on where
     `rows_weight_first` says so (bfloat16 2048x16384 at 64 tokens: 1.26x nn.Linear against
-    1.43x channels-major), and below it where the input blocks are one matrix up to row signs
-    (`shared`), which row-major is a sign flip and one matmul (bfloat16 at 16 tokens:
+    1.43x channels-major), and below it where the input blocks are one matrix up to row scales
+    (`shared`), which row-major is one product and one matmul (bfloat16 at 16 tokens:
     1.13-1.27x against 1.17-1.33x for the pi0.5 MLP shapes, 1.31-1.50x against 1.56-1.60x for
     2048x2048; EPYC)."""
     if dtype == torch.float32 or tokens < 2:

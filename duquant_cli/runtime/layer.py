@@ -24,7 +24,7 @@ from torch import nn
 from duquant_cli.errors import ConfigError, MismatchError
 from duquant_cli.formats.pack import LayerEntry
 from duquant_cli.math.bitpack import packed_cols
-from duquant_cli.math.blocks import apply_blocks, block_signs
+from duquant_cli.math.blocks import apply_blocks, block_row_scales
 from duquant_cli.math.permutation import is_permutation
 from duquant_cli.runtime.backends import (
     KERNELS,
@@ -40,10 +40,10 @@ from duquant_cli.runtime.backends import (
 )
 
 _BLOCK_FIELDS = ("in1", "in1_tail", "in2", "in2_tail", "out", "out_tail")
-# Derived at load, not saved: the signs of block stacks that are one matrix up to row signs.
-_SIGN_FIELDS = ("in1_signs", "in2_signs", "out_signs")
+# Derived at load, not saved: the row scales of block stacks that are one matrix up to them.
+_ROW_SCALE_FIELDS = ("in1_row_scales", "in2_row_scales", "out_row_scales")
 # Held in float32 whatever the model's dtype: `model.to(dtype)` moves them but does not cast.
-FLOAT32_FIELDS = (*_BLOCK_FIELDS, *_SIGN_FIELDS, "bias", "act_scale")
+FLOAT32_FIELDS = (*_BLOCK_FIELDS, *_ROW_SCALE_FIELDS, "bias", "act_scale")
 FIELDS = ("perm", *_BLOCK_FIELDS, "weight", "qweight", "scale", "zero", "bias", "act_scale")
 _FLOATS = ("float32", "float16", "bfloat16")
 ACT_DYNAMIC, ACT_STATIC, ACT_NONE = "dynamic", "static", "none"
@@ -53,42 +53,42 @@ ACT_SCALE_MIN = 2.0**-14
 
 
 def _per_block(
-    v: torch.Tensor, blocks: torch.Tensor, signs: torch.Tensor | None = None
+    v: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor | None = None
 ) -> torch.Tensor:
     """R_k^T v_k for every block: v [n_blocks, B, T] -> [n_blocks, B, T], one batched matmul
-    reading R transposed in place. One token, with every block R_0 up to row signs (`signs`,
-    see `block_signs`): the signed rows times R_0 in one mm (9 / 15 us over 2048 / 16384
+    reading R transposed in place. One token, with every block R_0 up to row scales (`scales`,
+    see `block_row_scales`): the scaled rows times R_0 in one mm (9 / 15 us over 2048 / 16384
     channels on an EPYC); other blocks: each block's products summed elementwise (18 / 45 us),
     where a batched matrix-vector product reading R transposed ran 2-3x slower still."""
     nb, b, t = v.shape
-    if t == 1 and signs is not None:
-        return torch.mm(v.view(nb, b) * signs, blocks[0]).view(nb, b, 1)
+    if t == 1 and scales is not None:
+        return torch.mm(v.view(nb, b) * scales, blocks[0]).view(nb, b, 1)
     if t == 1:
         return (v * blocks).sum(1).unsqueeze(-1)
     return torch.bmm(blocks.mT, v)
 
 
 def _blocks_t(
-    h: torch.Tensor, blocks: torch.Tensor, tail: torch.Tensor | None, signs: torch.Tensor | None
+    h: torch.Tensor, blocks: torch.Tensor, tail: torch.Tensor | None, scales: torch.Tensor | None
 ) -> torch.Tensor:
     """Channels-major x @ blockdiag(R, tail): h = x^T [n, T] -> [n, T], one batched matmul (plus
     one mm for a tail block), with no transpose copy."""
     t = h.shape[1]
     nb, b, _ = blocks.shape
     head = nb * b
-    y = _per_block(h[:head].view(nb, b, t), blocks, signs).view(head, t)
+    y = _per_block(h[:head].view(nb, b, t), blocks, scales).view(head, t)
     return y if tail is None else torch.cat([y, torch.mm(tail.t(), h[head:])], dim=0)
 
 
 def _blocks_from_rows(
-    x: torch.Tensor, blocks: torch.Tensor, tail: torch.Tensor | None, signs: torch.Tensor | None
+    x: torch.Tensor, blocks: torch.Tensor, tail: torch.Tensor | None, scales: torch.Tensor | None
 ) -> torch.Tensor:
     """Row-major x [T, n] -> channels-major (x @ blockdiag(R))^T [n, T]: one batched matmul
     reading x in place as [n_blocks, B, T] (strided), so the transpose costs no copy of its own."""
     t = x.shape[0]
     nb, b, _ = blocks.shape
     head = nb * b
-    y = _per_block(x[:, :head].view(t, nb, b).permute(1, 2, 0), blocks, signs).view(head, t)
+    y = _per_block(x[:, :head].view(t, nb, b).permute(1, 2, 0), blocks, scales).view(head, t)
     if tail is None:
         return y
     return torch.cat([y, torch.mm(tail.t(), x[:, head:].t())], 0)
@@ -98,7 +98,7 @@ def _restore_rows(
     y: torch.Tensor,
     blocks: torch.Tensor,
     tail: torch.Tensor | None,
-    signs: torch.Tensor | None,
+    scales: torch.Tensor | None,
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """Channels-major y' [out, T] -> row-major y' @ blockdiag(out) [T, out] in `dtype`: one
@@ -111,7 +111,7 @@ def _restore_rows(
     head = nb * b
     res = y.new_empty(t, y.shape[0], dtype=dtype)
     if t == 1:
-        res[:, :head].view(nb, b, 1).copy_(_per_block(y[:head].view(nb, b, 1), blocks, signs))
+        res[:, :head].view(nb, b, 1).copy_(_per_block(y[:head].view(nb, b, 1), blocks, scales))
     else:
         z = torch.bmm(y[:head].view(nb, b, t).mT, blocks)
         res[:, :head].view(t, nb, b).copy_(z.transpose(0, 1))
@@ -145,44 +145,46 @@ def _token_min_max(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @dataclass(frozen=True)
 class _RowBlocks:
     """A block transform as the row-major forward applies it, with its views taken once:
-    `first` (R_0) and the flat `signs` where every block is R_0 up to row signs."""
+    `first` (R_0) and the flat row `scales` where every block is R_0 up to them."""
 
     blocks: torch.Tensor
     tail: torch.Tensor | None
-    signs: torch.Tensor | None
+    scales: torch.Tensor | None
     first: torch.Tensor | None
 
     @classmethod
     def of(
-        cls, blocks: torch.Tensor | None, tail: torch.Tensor | None, signs: torch.Tensor | None
+        cls, blocks: torch.Tensor | None, tail: torch.Tensor | None, scales: torch.Tensor | None
     ) -> _RowBlocks | None:
         if blocks is None:
             return None
-        if signs is None:
+        if scales is None:
             return cls(blocks, tail, None, None)
-        return cls(blocks, tail, signs.reshape(-1), blocks[0])
+        return cls(blocks, tail, scales.reshape(-1), blocks[0])
 
     def __call__(self, h: torch.Tensor, compiling: bool) -> torch.Tensor:
-        """Row-major h [T, n] -> h @ blockdiag(R, tail) [T, n], h this forward's own (its signs
-        may be flipped in place). Compiled, as a product summed over each block: the form
+        """Row-major h [T, n] -> h @ blockdiag(R, tail) [T, n], h this forward's own (its rows
+        may be scaled in place). Compiled, as a product summed over each block: the form
         inductor fuses with what comes before into one loop, vectorized along R's rows; by R_0
-        after the sign flip where the blocks share it (bfloat16 2048x2048 at 64 tokens, a
+        after the row scaling where the blocks share it (bfloat16 2048x2048 at 64 tokens, a
         model's layers compiled one by one: 1.14-1.18x nn.Linear against 1.27x by the stack).
-        Eagerly, with every block R_0 up to row signs, one sign flip and one matmul of h's rows
+        Eagerly, with every block R_0 up to row scales, one product and one matmul of h's rows
         viewed [T * n_blocks, B] by R_0; else (where that product would materialize
         [T, n_blocks, B, B]) one batched matmul over h's rows viewed [n_blocks, T, B], then one
         copy with contiguous runs of B: 2-3x the time of the shared form (1.0 ms against 0.3 ms
-        for [64, 16384] on an EPYC)."""
+        for [64, 16384] on an EPYC). A calibrated pack's first transform (smoothing folded in)
+        takes the shared form too: bfloat16 2048x16384 at 64 tokens went from 1.27-1.28x
+        nn.Linear's time to 1.16x, int8 from 0.86-0.89x to 0.72-0.77x."""
         t = h.shape[0]
         nb, b, _ = self.blocks.shape
         head = nb * b
         hv = h[:, :head]
         if compiling and self.first is not None:  # R_0 stays in cache, the block stack not
-            y = ((hv * self.signs).reshape(t, nb, b, 1) * self.first).sum(2).view(t, head)
+            y = ((hv * self.scales).reshape(t, nb, b, 1) * self.first).sum(2).view(t, head)
         elif compiling:
             y = (hv.reshape(t, nb, b, 1) * self.blocks).sum(2).view(t, head)
         elif self.first is not None:
-            hv = torch.mul(hv, self.signs) if hv.requires_grad else hv.mul_(self.signs)
+            hv = torch.mul(hv, self.scales) if hv.requires_grad else hv.mul_(self.scales)
             y = torch.mm(hv.reshape(t * nb, b), self.first).view(t, head)
         else:
             y = h.new_empty(t, head)
@@ -355,10 +357,10 @@ class DuQuantLinear(nn.Module):
         self.calibrated = False
         self.act_percentile: float | None = None
         self.observer: object | None = None
-        self.inputs_shared = False  # every input block transform (if any) one matrix up to signs
+        self.inputs_shared = False  # every input block transform (if any) one matrix up to scales
         for f in ("perm", *_BLOCK_FIELDS, "weight", "bias", "act_scale"):
             self.register_buffer(f, None)
-        for f in _SIGN_FIELDS:
+        for f in _ROW_SCALE_FIELDS:
             self.register_buffer(f, None, persistent=False)
 
     @classmethod
@@ -431,15 +433,15 @@ class DuQuantLinear(nn.Module):
         return layer
 
     def note_shared(self) -> None:
-        """Find the block transforms that are one matrix up to row signs, and keep their signs
-        (`block_signs`; derived, so not in the state dict): once, at load and after loading a
+        """Find the block transforms that are one matrix up to row scales, and keep their scales
+        (`block_row_scales`; derived, so not in the state dict): once, at load and after loading a
         state dict."""
         for f in ("in1", "in2", "out"):
             blocks = getattr(self, f)
-            signs = None if blocks is None else block_signs(blocks)
-            self.register_buffer(f + "_signs", signs, persistent=False)
+            scales = None if blocks is None else block_row_scales(blocks)
+            self.register_buffer(f + "_row_scales", scales, persistent=False)
         ins = [f for f in ("in1", "in2") if getattr(self, f) is not None]
-        self.inputs_shared = all(getattr(self, f + "_signs") is not None for f in ins)
+        self.inputs_shared = all(getattr(self, f + "_row_scales") is not None for f in ins)
 
     def use_kernel(self, kernel: Kernel) -> None:
         """Run on `kernel` (one of this backend's), moving the weight buffer into its layout."""
@@ -498,7 +500,7 @@ class DuQuantLinear(nn.Module):
         elif self.bias is not None:
             y = torch.add(y, self.bias.view(-1, 1))
         if self.out is not None:
-            y = _restore_rows(y, self.out, self.out_tail, self.out_signs, out_dtype)
+            y = _restore_rows(y, self.out, self.out_tail, self.out_row_scales, out_dtype)
         else:
             y = contiguous_as(y.t(), out_dtype)
         return y.view(*lead, self.out_features)
@@ -521,11 +523,11 @@ class DuQuantLinear(nn.Module):
         if in1 is None:
             if perm is not None:
                 x = x.index_select(1, perm)
-            return _blocks_from_rows(x.contiguous(), in2, self.in2_tail, self.in2_signs)
-        h = _blocks_from_rows(x.contiguous(), in1, self.in1_tail, self.in1_signs)
+            return _blocks_from_rows(x.contiguous(), in2, self.in2_tail, self.in2_row_scales)
+        h = _blocks_from_rows(x.contiguous(), in1, self.in1_tail, self.in1_row_scales)
         if perm is not None:
             h = h.index_select(0, perm)
-        return h if in2 is None else _blocks_t(h, in2, self.in2_tail, self.in2_signs)
+        return h if in2 is None else _blocks_t(h, in2, self.in2_tail, self.in2_row_scales)
 
     def _quant_tokens(
         self, h: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
@@ -560,9 +562,9 @@ class DuQuantLinear(nn.Module):
         if plan is None:
             plan = _RowPlan(
                 perm=self.perm,
-                in1=_RowBlocks.of(self.in1, self.in1_tail, self.in1_signs),
-                in2=_RowBlocks.of(self.in2, self.in2_tail, self.in2_signs),
-                out=_RowBlocks.of(self.out, self.out_tail, self.out_signs),
+                in1=_RowBlocks.of(self.in1, self.in1_tail, self.in1_row_scales),
+                in2=_RowBlocks.of(self.in2, self.in2_tail, self.in2_row_scales),
+                out=_RowBlocks.of(self.out, self.out_tail, self.out_row_scales),
                 bias=self.bias,
                 act_scale=self.act_scale,
                 act_mode=self.act_mode,

@@ -22,12 +22,15 @@ _IN_BLOCKS = ("in1", "in1_tail", "in2", "in2_tail")
 _OUT_BLOCKS = ("out", "out_tail")
 
 
-def sign_factored(rotation: str) -> tuple[str, ...]:
-    """The block fields a layer also holds as row signs (`math.blocks.block_signs`, a float32
-    per channel of their full blocks, where there are two or more): Hadamard stacks
-    (one matrix, random signs per block), greedy ones (one matrix) and the Hadamard row
-    rotations of greedy packs. A smoothed in1 and SVD bases are not one matrix."""
-    return ("in2", "out") if rotation in ("hadamard", "greedy") else ()
+def row_scaled(rotation: str) -> tuple[str, ...]:
+    """The block fields a layer also holds as row scales (`math.blocks.block_row_scales`, a
+    float32 per channel of their full blocks, where there are two or more): Hadamard stacks
+    (one matrix, random signs per block), greedy ones (one matrix), the Hadamard row rotations
+    of greedy packs, and a calibrated in1 (smoothing times one of those, or alone). SVD bases
+    are not one matrix."""
+    if rotation in ("hadamard", "greedy"):
+        return ("in1", "in2", "out")
+    return ("in1",) if rotation == "none" else ()
 
 
 def layer_bytes(
@@ -50,7 +53,7 @@ def layer_bytes(
     zero per kernel group in `dtype`. Transforms, bias and static scales are float32 in every
     dtype; the permutation is int64; output blocks are kept only where rows are restored by
     an integer backend (dense folds the restore into its weight).
-    `rotation` (the manifest's) says which block stacks also keep row signs (`sign_factored`).
+    `rotation` (the manifest's) says which block stacks also keep row scales (`row_scaled`).
     """
     size = DTYPE_BYTES[dtype]
     fsize = DTYPE_BYTES["float32"]  # transforms, bias and static scales (see from_pack)
@@ -69,8 +72,8 @@ def layer_bytes(
     restored = row_rot == "restore" and backend != "dense"
     blocks = _IN_BLOCKS + (_OUT_BLOCKS if restored else ())
     n += sum(prod(fields[f]) * fsize for f in blocks if f in fields)
-    signed = [f for f in sign_factored(rotation) if f in blocks and f in fields]
-    n += sum(prod(fields[f][:2]) * fsize for f in signed if fields[f][0] > 1)
+    scaled = [f for f in row_scaled(rotation) if f in blocks and f in fields]
+    n += sum(prod(fields[f][:2]) * fsize for f in scaled if fields[f][0] > 1)
     if "perm" in fields:
         n += in_features * DTYPE_BYTES["int64"]
     if has_bias:

@@ -31,8 +31,8 @@ def test_forward_rows_cover_every_backend_and_memory_counts_buffers() -> None:
         assert all(r[f"{b}_us"] > 0 for b in want) and r["linear_us"] > 0
     mem = {(r["backend"], r["dtype"]): r for r in res.memory}
     # dense: the [out, in] weight in the dtype (the row restore folded in), plus float32 input
-    # transforms (Hadamard blocks and their row signs) and the int64 perm; int8 also holds
-    # the row restore's blocks and signs
+    # transforms (Hadamard blocks and their row scales) and the int64 perm; int8 also holds
+    # the row restore's blocks and row scales
     w = 64 * 128
     extra = (128 * 16 + 128) * 4 + 128 * 8
     out_blocks = (64 * 16 + 64) * 4
@@ -40,6 +40,20 @@ def test_forward_rows_cover_every_backend_and_memory_counts_buffers() -> None:
     assert mem["dense", "bfloat16"]["bytes"] == w * 2 + extra
     assert mem["int8", "float32"]["bytes"] == w + 64 * 4 + extra + out_blocks
     assert mem["int4", "bfloat16"]["vs_bf16_weight"] < mem["int8", "bfloat16"]["vs_bf16_weight"]
+
+
+def test_calibrated_packs_hold_the_smoothed_first_transform() -> None:
+    """`calibrated`: the layers timed come from synthetic statistics, so each dense layer also
+    holds in1 (smoothing folded into the greedy rotation) and its row scales; nothing else
+    differs in bytes (calibrated packs keep no row restore, and dense folds it anyway)."""
+    kw = {"shapes": ((64, 128),), "tokens": (5,), "dtypes": (torch.float32,), "repeats": 1}
+    plain, cal = bench(**kw), bench(**kw, calibrated=True)
+
+    def dense_bytes(res) -> int:
+        return next(r["bytes"] for r in res.memory if r["backend"] == "dense")
+
+    assert dense_bytes(cal) == dense_bytes(plain) + (128 * 16 + 128) * 4
+    assert cal.forward[0]["dense_ratio"] > 0 and cal.forward[0]["int8_ratio"] > 0
 
 
 def test_compiled_rows_compute_what_eager_does() -> None:
@@ -72,7 +86,7 @@ def test_cli_json_and_tables() -> None:
         torch.set_num_threads(threads)  # --threads sets the process's: restore it for other tests
     assert res.exit_code == 0, res.output
     out = json.loads(res.output)
-    assert out["threads"] == 1
+    assert out["threads"] == 1 and out["calibrated"] is False
     assert {tuple(r["shape"]) for r in out["forward"]} == {(512, 512), (512, 4096), (4096, 512)}
     assert text.exit_code == 0, text.output
     for title in ("pack time per layer", "forward: time / nn.Linear", "memory per layer"):
@@ -103,12 +117,12 @@ def test_cli_stack_option() -> None:
     threads = torch.get_num_threads()
     args = ("bench", "--part", "forward", "--small", "--repeats", "1", "--threads", "1")
     try:
-        res = run(*args, "--stack", "2", "--json")
+        res = run(*args, "--stack", "2", "--calibrated", "--json")
         bad = run(*args, "--stack", "0")
     finally:
         torch.set_num_threads(threads)
     assert res.exit_code == 0, res.output
-    assert json.loads(res.output)["stack"] == 2
+    assert json.loads(res.output)["stack"] == 2 and json.loads(res.output)["calibrated"]
     assert bad.exit_code != 0 and "--stack" in bad.output
 
 

@@ -1,4 +1,4 @@
-"""Block-diagonal matrices: shapes, application, inverses, orthogonality check, row signs."""
+"""Block-diagonal matrices: shapes, application, inverses, orthogonality check, row scales."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from duquant_cli.math.blocks import (
     BlockDiag,
     apply_blocks,
     apply_blocks_rows,
-    block_signs,
+    block_row_scales,
     orthogonality_error,
     split_sizes,
     stack_blocks,
@@ -105,16 +105,27 @@ def test_orthogonality_error_detects_non_orthogonal() -> None:
     assert orthogonality_error(BlockDiag(scaled)) == pytest.approx(1.001**2 - 1, rel=1e-6)
 
 
-def test_block_signs_factor_stacks_of_one_matrix_up_to_row_signs() -> None:
+def test_block_row_scales_factor_stacks_of_one_matrix_up_to_row_scales() -> None:
     gen = torch.Generator().manual_seed(0)
     r = torch.linalg.qr(torch.randn(8, 8, generator=gen))[0]
     d = torch.randint(0, 2, (5, 8), generator=gen).float() * 2 - 1
     d[0] = 1
-    signs = block_signs(d.unsqueeze(-1) * r)
-    assert signs is not None and torch.equal(signs, d)
-    assert torch.equal(block_signs(r.expand(5, 8, 8)), torch.ones(5, 8))
-    assert block_signs(r[None]) is None  # one block: nothing to share
+    signs = block_row_scales(d.unsqueeze(-1) * r)
+    assert signs is not None and torch.equal(signs, d)  # Hadamard-like: exact signs
+    assert torch.equal(block_row_scales(r.expand(5, 8, 8)), torch.ones(5, 8))
+    assert block_row_scales(r[None]) is None  # one block: nothing to share
     flipped = d[:, :, None] * r
-    flipped[3] = flipped[3] @ r  # another matrix, not a sign flip
-    assert block_signs(flipped) is None
-    assert block_signs(torch.linalg.qr(torch.randn(5, 8, 8, generator=gen))[0]) is None
+    flipped[3] = flipped[3] @ r  # another matrix, not a row scaling
+    assert block_row_scales(flipped) is None
+    assert block_row_scales(torch.linalg.qr(torch.randn(5, 8, 8, generator=gen))[0]) is None
+    # A calibrated in1: diag(1/s_k) R in float32, s over four orders of magnitude
+    s = torch.rand(5, 8, generator=gen, dtype=torch.float64).mul(8).sub(4).exp2() ** 3
+    smoothed = ((1 / s).unsqueeze(-1) * r.double()).float()
+    scales = block_row_scales(smoothed)
+    assert scales is not None
+    torch.testing.assert_close(scales.double(), s[:1] / s, rtol=1e-6, atol=0)
+    rebuilt = scales.unsqueeze(-1) * smoothed[0]
+    torch.testing.assert_close(rebuilt, smoothed, rtol=1e-6, atol=0)
+    off = smoothed.clone()
+    off[2, 3] += 1e-3 * off[2, 3].norm()  # one row 1e-3 off the shared matrix
+    assert block_row_scales(off) is None

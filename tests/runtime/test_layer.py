@@ -98,6 +98,32 @@ def test_activation_aware_w16a16_reproduces_linear(tmp_path: Path, row_rot: RowR
         assert rel_err(model(x), base(x)) < 1e-5
 
 
+@pytest.mark.parametrize("backend", ["dense", "int8"])
+def test_a_smoothed_first_transform_runs_as_row_scales_and_one_matrix(
+    tmp_path: Path, backend: str
+) -> None:
+    """A calibrated in1 is diag(1/s_k) R1 per block: the layer keeps its row scales
+    (s_0 / s_k) and runs it as one product and one mm, computing what the blockwise bmm does."""
+    base = TinyNet(dims=(64, 48, 32))
+    out = make_pack(tmp_path, base, stats=tiny_stats(base), calibrated=True)
+    model = clone_model(base, dims=(64, 48, 32))
+    load_packed(model, out, backend=backend)
+    layer = model.blocks[0]["up"]
+    s = layer.in1_row_scales
+    assert s is not None and s.shape == (4, 16) and layer.inputs_shared
+    assert (s.abs() - 1).abs().max() > 0.1  # scales, not signs
+    torch.testing.assert_close(s.unsqueeze(-1) * layer.in1[0], layer.in1, rtol=1e-5, atol=0)
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ops = _ops(lambda: layer(x))
+        shared = layer(x)
+        layer.in1_row_scales = None  # the blockwise form
+        blockwise = layer(x)
+    if layer.kernel.rows:  # oneDNN: row-major, one mm per shared transform
+        assert "aten::bmm" not in ops, ops
+    assert rel_err(shared, blockwise) < 1e-5
+
+
 QUANT_CASES = {
     "w4a8": {},
     "w4a8-asym-act-clip": {"act_scheme": Scheme.ASYM, "act_clip": 0.9},
@@ -396,11 +422,11 @@ def test_half_precision_layers_run_row_major(tmp_path: Path, rotation, tokens: i
     layer.use_kernel(KERNELS[Backend.DENSE])  # torch's kernel (oneDNN's always runs row-major)
     shared = rotation is Rotation.HADAMARD
     assert layer.inputs_shared == shared
-    assert (layer.in2_signs is not None) == shared and layer.out is None
+    assert (layer.in2_row_scales is not None) == shared and layer.out is None
     if shared:  # one Hadamard matrix, each block with its own random row signs
-        assert layer.in2_signs.shape == (256, 16) and (layer.in2_signs < 0).any()
-        assert layer.in2_signs.dtype == torch.float32  # kept by model.to(bfloat16)
-        assert "in2_signs" not in layer.state_dict()
+        assert layer.in2_row_scales.shape == (256, 16) and (layer.in2_row_scales < 0).any()
+        assert layer.in2_row_scales.dtype == torch.float32  # kept by model.to(bfloat16)
+        assert "in2_row_scales" not in layer.state_dict()
     x = torch.randn(tokens, 4096, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
     with torch.no_grad():
         ops = _ops(lambda: layer(x))
@@ -434,13 +460,13 @@ def test_one_token_uses_the_block_signs(tmp_path: Path, backend: str) -> None:
     load_packed(m, make_pack(tmp_path, base, block_out=8), backend=backend)
     layer = m[0]
     layer.use_kernel(KERNELS[layer.backend])  # torch's kernels: the matmul is an mm for dense
-    assert layer.in2_signs is not None
-    assert (layer.out_signs is not None) == (backend == "int8")  # dense folds the restore
+    assert layer.in2_row_scales is not None
+    assert (layer.out_row_scales is not None) == (backend == "int8")  # dense folds the restore
     x = torch.randn(1, 256, generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
         ops = _ops(lambda: layer(x))
         signed = layer(x)
-        layer.in2_signs = layer.out_signs = None
+        layer.in2_row_scales = layer.out_row_scales = None
         blockwise = layer(x)
     assert ops.count("aten::mm") == 2, ops  # in2; dense's matmul or int8's restore
     assert "aten::sum" not in ops, ops
@@ -460,7 +486,7 @@ def test_shared_blocks_are_found_again_after_loading_a_state_dict(tmp_path: Path
     had, svd = models[Rotation.HADAMARD], models[Rotation.SVD]
     assert had[0].inputs_shared and not svd[0].inputs_shared
     had.load_state_dict(svd.state_dict())
-    assert not had[0].inputs_shared and had[0].in2_signs is None
+    assert not had[0].inputs_shared and had[0].in2_row_scales is None
     x = torch.randn(16, 4096, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
     with torch.no_grad():
         assert torch.equal(had(x), svd(x))

@@ -79,7 +79,7 @@ def test_old_weights_are_released(packed) -> None:
 def test_bytes_after_close_to_before_for_a_large_layer(tmp_path: Path) -> None:
     """Dense w4a8 keeps the dequantized weight in fp32, the row restore folded in: the same
     bytes plus the input transforms (perm int64 [in], in2 blocks, B/out of the weight, and
-    their row signs, 1/out)."""
+    their row scales, 1/out)."""
     lin = nn.Linear(512, 512)
     base = nn.Sequential(lin)
     out = make_pack(tmp_path, base)
@@ -87,7 +87,7 @@ def test_bytes_after_close_to_before_for_a_large_layer(tmp_path: Path) -> None:
     model.load_state_dict(base.state_dict())
     report = load_packed(model, out, backend="dense")
     assert report.bytes_before == 4 * (512 * 512 + 512)
-    overhead = 8 * 512 + 4 * 512 * 16 + 4 * 512  # perm, in2, its signs
+    overhead = 8 * 512 + 4 * 512 * 16 + 4 * 512  # perm, in2, its row scales
     assert report.bytes_after == report.bytes_before + overhead
     assert report.bytes_after <= 1.1 * report.bytes_before
 
