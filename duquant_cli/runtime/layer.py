@@ -592,8 +592,9 @@ class DuQuantLinear(nn.Module):
     def forward_rows(self, x: torch.Tensor) -> torch.Tensor:
         """The forward row-major, x [T, in] -> [T, out]: the same math as `forward`, for
         oneDNN's kernels (`Kernel.rows`) and for torch's dense one compiled, where inductor
-        fuses it (gather, block transforms and quantization into one loop, the restore with the
-        scale and cast into another), and eagerly where it is the faster one (`rows_eagerly`).
+        fuses it (gather, block transforms and quantization into one loop; for int8 the restore
+        with the scale and cast into another), and eagerly where it is the faster one
+        (`rows_eagerly`).
         Row-major, torch's matmul takes either operand order at no cost: compiled,
         `rows_weight_first` picks it; eagerly it is nn.Linear's. Shared block matrices are one
         mm each (`_RowBlocks`)."""
