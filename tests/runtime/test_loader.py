@@ -167,38 +167,43 @@ def test_state_dict_of_an_earlier_layer_format_is_refused(tmp_path: Path, packed
         fresh.load_state_dict(state)
 
 
-def test_state_dict_of_layer_format_2_loads(tmp_path: Path, packed) -> None:
-    """Format 2 held the input blocks transposed: they are transposed back on loading."""
+def _saved(packed) -> tuple[Path, torch.Tensor, torch.Tensor, dict]:
+    """(pack, input, output, state dict) of a dense model, to rewrite in an earlier format."""
     base, out = packed
     model = clone_model(base)
     load_packed(model, out, backend="dense")
     x = torch.randn(3, 40)
     with torch.no_grad():
-        want = model(x)
-    state = model.state_dict()
+        return out, x, model(x), model.state_dict()
+
+
+def _fresh(out: Path, state: dict) -> TinyNet:
+    """A model of other weights prepared with the pack, then given `state`."""
+    fresh = TinyNet(seed=1)
+    load_packed(fresh, out, backend="dense")
+    fresh.load_state_dict(state)
+    return fresh
+
+
+def test_state_dict_of_layer_format_2_loads(packed) -> None:
+    """Format 2 held the input blocks transposed: they are transposed back on loading."""
+    out, x, want, state = _saved(packed)
+    in2 = state["proj.in2"]
     for name in LINEARS:
         state._metadata[name]["version"] = 2
         for f in ("in1", "in1_tail", "in2", "in2_tail"):
             if f"{name}.{f}" in state:
                 state[f"{name}.{f}"] = state[f"{name}.{f}"].mT.contiguous()
-    assert not torch.equal(state["proj.in2"], model.proj.in2)
-    fresh = TinyNet(seed=1)
-    load_packed(fresh, out, backend="dense")
-    fresh.load_state_dict(state)
+    assert not torch.equal(state["proj.in2"], in2)
     with torch.no_grad():
-        assert torch.equal(fresh(x), want)
+        assert torch.equal(_fresh(out, state)(x), want)
 
 
-def test_state_dict_of_layer_format_3_loads(tmp_path: Path, packed) -> None:
+def test_state_dict_of_layer_format_3_loads(packed) -> None:
     """Format 3 held a dense layer's weight without the row restore, its `out` blocks and the
     bias rotated back by them: loading folds the restore in, as load_packed does now."""
-    base, out = packed
-    model = clone_model(base)
-    load_packed(model, out, backend="dense")
-    x = torch.randn(3, 40)
-    with torch.no_grad():
-        want = model(x)
-    state, pack = model.state_dict(), Pack.open(out)
+    out, x, want, state = _saved(packed)
+    pack = Pack.open(out)
     for name in LINEARS:
         t, entry = pack.load(name), pack.layers[name]
         state._metadata[name]["version"] = 3
@@ -209,9 +214,7 @@ def test_state_dict_of_layer_format_3_loads(tmp_path: Path, packed) -> None:
                 state[f"{name}.{f}"] = t[f]
         if f"{name}.bias" in state:
             state[f"{name}.bias"] = state[f"{name}.bias"] @ dense(t, "out").T
-    fresh = TinyNet(seed=1)
-    load_packed(fresh, out, backend="dense")
-    fresh.load_state_dict(state)
+    fresh = _fresh(out, state)
     assert fresh.proj.out is None
     with torch.no_grad():
         assert rel_err(fresh(x), want) < 1e-6
