@@ -67,7 +67,9 @@ def bench_cmd(
         )
         result |= {"layer_pack": fwd.pack, "forward": fwd.forward, "memory": fwd.memory}
         if compile_:
-            result["compile"] = bench_compile(shapes=shapes, repeats=repeats, calibrated=calibrated)
+            result["compile"] = bench_compile(
+                shapes=shapes, repeats=repeats, calibrated=calibrated, stack=stack
+            )
     if part in (Part.ALL, Part.PACK):
         result["pack"] = bench_pack(small=small, block=block, bits=bits)
     if as_json:
@@ -152,7 +154,10 @@ def _print(result: dict) -> None:
             "compile s",
             "rel. diff",
         )
-        out.print(_table("torch.compile(fullgraph=True), dense (median)", cols, rows))
+        title = "torch.compile(fullgraph=True), dense (median)"
+        if result["stack"] > 1:
+            title += f", {result['stack']} copies compiled as one module"
+        out.print(_table(title, cols, rows))
     if "pack" in result:
         p = result["pack"]
         t = Table(title=f"pack: {p['checkpoint']}", show_header=False)

@@ -311,11 +311,13 @@ def bench_compile(
     dtypes: tuple[torch.dtype, ...] = DTYPES,
     repeats: int = 20,
     calibrated: bool = False,
+    stack: int = 1,
 ) -> list[dict]:
     """torch.compile(fullgraph=True) of the dense layer against the same layer eager and against
     nn.Linear, side by side, per shape and dtype; with the relative output difference (the
     compiled graph computes what eager does, a rounding flip where float ops are reordered
-    apart)."""
+    apart). With `stack` > 1, that many distinct copies compiled as one module, as
+    torch.compile(model) compiles a model's layers: one guard check a call for all of them."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "c.safetensors"
@@ -323,32 +325,49 @@ def bench_compile(
         p, _ = _pack_shapes(ckpt, Path(tmp) / "p", shapes, "w4a8", 16, calibrated)
         for (name, entry), dtype in itertools.product(p.layers.items(), dtypes):
             layer = DuQuantLinear.from_pack(entry, p.load(name), bias=None, dtype=dtype)
-            rows.append(_compile_row(layer, tokens, repeats))
+            rows.append(_compile_row(layer, tokens, repeats, stack))
     return rows
 
 
-def _compile_row(layer: DuQuantLinear, tokens: int, repeats: int) -> dict:
+class _Copies(nn.Module):
+    """Distinct copies of a layer, each run on the same input."""
+
+    def __init__(self, layer: nn.Module, count: int) -> None:
+        super().__init__()
+        self.copies = nn.ModuleList([layer, *(copy.deepcopy(layer) for _ in range(count - 1))])
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [m(x) for m in self.copies]
+
+
+def _compile_row(layer: DuQuantLinear, tokens: int, repeats: int, stack: int = 1) -> dict:
     o, n, dtype = layer.out_features, layer.in_features, layer.compute_dtype
-    lin = nn.Linear(n, o, bias=False, dtype=dtype)
-    compiled = torch.compile(layer, fullgraph=True)
+    lins = _Copies(nn.Linear(n, o, bias=False, dtype=dtype), stack)
+    layers = _Copies(layer, stack)
+    compiled = torch.compile(layers, fullgraph=True)
     x = torch.randn(tokens, n, dtype=dtype)
     with torch.inference_mode():
         t0 = time.perf_counter()
-        first = compiled(x)
+        first = compiled(x)[0]
         compile_s = time.perf_counter() - t0
         eager = layer(x).float()
         diff = ((first.float() - eager).norm() / eager.norm()).item()
-        fns = {"linear": lambda: lin(x), "eager": lambda: layer(x), "compiled": lambda: compiled(x)}
+        fns = {
+            "linear": lambda: lins(x),
+            "eager": lambda: layers(x),
+            "compiled": lambda: compiled(x),
+        }
         med = _interleaved(fns, repeats)
     return {
         "shape": [o, n],
         "tokens": tokens,
+        "stack": stack,
         "dtype": str(dtype).removeprefix("torch."),
         "compile_s": compile_s,
         "rel_diff": diff,
-        "linear_us": med["linear"] * 1e6,
-        "eager_us": med["eager"] * 1e6,
-        "compiled_us": med["compiled"] * 1e6,
+        "linear_us": med["linear"] * 1e6 / stack,  # per layer
+        "eager_us": med["eager"] * 1e6 / stack,
+        "compiled_us": med["compiled"] * 1e6 / stack,
         "compiled_vs_eager": med["compiled"] / med["eager"],
         "compiled_vs_linear": med["compiled"] / med["linear"],
     }

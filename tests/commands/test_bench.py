@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from torch import nn
 
@@ -56,10 +57,15 @@ def test_calibrated_packs_hold_the_smoothed_first_transform() -> None:
     assert cal.forward[0]["dense_ratio"] > 0 and cal.forward[0]["int8_ratio"] > 0
 
 
-def test_compiled_rows_compute_what_eager_does() -> None:
-    rows = bench_compile(shapes=((64, 128),), tokens=5, dtypes=(torch.float32,), repeats=1)
-    assert len(rows) == 1
+@pytest.mark.parametrize("stack", [1, 3])
+def test_compiled_rows_compute_what_eager_does(stack: int) -> None:
+    """With a stack, the copies compile as one module, each computing what eager does."""
+    kw = {"shapes": ((64, 128),), "tokens": 5, "dtypes": (torch.float32,), "repeats": 1}
+    rows = bench_compile(**kw, stack=stack)
+    assert len(rows) == 1 and rows[0]["stack"] == stack
     assert rows[0]["rel_diff"] < 1e-3 and rows[0]["compile_s"] > 0
+    ratio = rows[0]["compiled_us"] / rows[0]["eager_us"]
+    assert rows[0]["compiled_vs_eager"] == pytest.approx(ratio, rel=1e-9)
 
 
 def test_small_pack_reports_size_rss_and_the_generation_peak_apart() -> None:
