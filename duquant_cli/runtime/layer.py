@@ -210,7 +210,6 @@ class _RowPlan:
     act_mode: str
     kernel: Kernel
     dense: bool
-    int8: bool
     observer: object | None
 
 
@@ -570,7 +569,6 @@ class DuQuantLinear(nn.Module):
                 act_mode=self.act_mode,
                 kernel=self.kernel,
                 dense=self.backend is Backend.DENSE,
-                int8=self.backend is Backend.INT8,
                 observer=self.observer,
             )
             if not compiling:
