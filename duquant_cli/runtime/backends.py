@@ -300,8 +300,11 @@ class OneDnnInt8Kernel(Int8Kernel):
         return weight.to_dense().t().contiguous()  # oneDNN holds it [in, out]
 
     def linear_rows(self, layer: DuQuantLinear, h: torch.Tensor) -> torch.Tensor:
-        """Integer-valued h [T, in] in [-128, 127] -> (h W^T) * weight_scale [T, out] float32."""
-        u = (torch.add(h, 128) if h.requires_grad else h.add_(128)).to(torch.uint8)
+        """Integer-valued h [T, in] in [-128, 127] (or already its uint8 codes + 128) ->
+        (h W^T) * weight_scale [T, out] float32."""
+        u = h
+        if h.dtype != torch.uint8:
+            u = (torch.add(h, 128) if h.requires_grad else h.add_(128)).to(torch.uint8)
         # Eagerly torch's op itself (see `_onednn_linear`)
         op = onednn_qlinear if torch.compiler.is_compiling() else _onednn_qlinear
         return op(u, layer.weight, layer.weight_scale.view(-1))

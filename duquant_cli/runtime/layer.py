@@ -38,6 +38,7 @@ from duquant_cli.runtime.backends import (
     rows_eagerly,
     rows_weight_first,
 )
+from duquant_cli.runtime.prep import IN_DTYPES, Prep, library
 
 _BLOCK_FIELDS = ("in1", "in1_tail", "in2", "in2_tail", "out", "out_tail")
 # Derived at load, not saved: the row scales of block stacks that are one matrix up to them.
@@ -211,6 +212,7 @@ class _RowPlan:
     kernel: Kernel
     dense: bool
     observer: object | None
+    prep: Prep | None  # the fused activation path, where it runs this layer (`runtime.prep`)
 
 
 def _fake_quant(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -429,6 +431,8 @@ class DuQuantLinear(nn.Module):
             layer.act_mode, layer.calibrated = ACT_STATIC, True
             layer.act_percentile = q.get("act_percentile")
         layer.note_shared()
+        if device.type == "cpu":
+            library()  # built or loaded and checked now, once per process: not in a forward
         return layer
 
     def note_shared(self) -> None:
@@ -570,10 +574,38 @@ class DuQuantLinear(nn.Module):
                 kernel=self.kernel,
                 dense=self.backend is Backend.DENSE,
                 observer=self.observer,
+                prep=None if compiling else self._prep(),
             )
             if not compiling:
                 self.__dict__["_plan"] = plan
         return plan
+
+    def _prep(self) -> Prep | None:
+        """The fused activation path for this layer's eager row-major forward: dynamic
+        symmetric activations, no observer, a kernel that takes row-major activations."""
+        if self.act_mode != ACT_DYNAMIC or self.act_asym or self.observer is not None:
+            return None
+        if self.backend is Backend.INT8 and self.kernel.rows:
+            out_dtype = torch.uint8
+        elif self.backend is Backend.DENSE:
+            out_dtype = self.compute_dtype
+        else:
+            return None
+        return Prep.of(
+            self.in_features,
+            self.perm,
+            (self.in1, self.in1_tail, self.in1_row_scales),
+            (self.in2, self.in2_tail, self.in2_row_scales),
+            self.a_bits,
+            self.act_clip,
+            out_dtype,
+        )
+
+    @property
+    def fused(self) -> bool:
+        """Whether the eager row-major forward (every oneDNN layer's) runs its activation path
+        fused, in `runtime.prep`'s C code, rather than as torch ops."""
+        return self._row_plan(False).prep is not None
 
     def __setattr__(self, name: str, value: object) -> None:
         self.__dict__.pop("_plan", None)  # whatever changed, `_row_plan` gathers it again
@@ -598,6 +630,29 @@ class DuQuantLinear(nn.Module):
         mm each (`_RowBlocks`)."""
         compiling = torch.compiler.is_compiling()
         p = self._row_plan(compiling)
+        if p.prep is not None and x.dtype in IN_DTYPES and not x.requires_grad:
+            h, scale = p.prep(x)
+        else:
+            h, scale = self._quantize_rows(x, p, compiling)
+        if p.dense:
+            return self._dense_rows(h, p, compiling)
+        # int8 on oneDNN: float32 with the weight scale applied. In place where autograd does
+        # not need y (it is this forward's own).
+        y = p.kernel.linear_rows(self, h)
+        if scale is not None:
+            y = torch.mul(y, scale) if y.requires_grad else y.mul_(scale)
+        if p.bias is not None:
+            y = torch.add(y, p.bias) if y.requires_grad else y.add_(p.bias)
+        if p.out is not None:
+            y = p.out(y, compiling)
+        return contiguous_as(y, x.dtype)
+
+    def _quantize_rows(
+        self, x: torch.Tensor, p: _RowPlan, compiling: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x [T, in] -> transformed, quantized h [T, in] and the per-token scale, as torch
+        ops (what `Prep` does fused): h scaled back (scale None) for the dense kernels,
+        integer-valued for the integer ones."""
         if p.in1 is None and p.perm is not None and not compiling:
             h = _gather_columns(x, p.perm)
         else:
@@ -619,18 +674,7 @@ class DuQuantLinear(nn.Module):
             qmax = (1 << (self.a_bits - 1)) - 1
             s = p.act_scale.view(1, -1)
             h = torch.div(h, s).round_().clamp_(-qmax - 1, qmax).mul_(s)
-        if p.dense:
-            return self._dense_rows(h, p, compiling)
-        # int8 on oneDNN: float32 with the weight scale applied. In place where autograd does
-        # not need y (it is this forward's own).
-        y = p.kernel.linear_rows(self, h)
-        if scale is not None:
-            y = torch.mul(y, scale) if y.requires_grad else y.mul_(scale)
-        if p.bias is not None:
-            y = torch.add(y, p.bias) if y.requires_grad else y.add_(p.bias)
-        if p.out is not None:
-            y = p.out(y, compiling)
-        return contiguous_as(y, x.dtype)
+        return h, scale
 
     def _dense_rows(self, h: torch.Tensor, p: _RowPlan, compiling: bool) -> torch.Tensor:
         """h [T, in] (quantized, scaled back) -> h W^T + bias [T, out] in the matmul's dtype:

@@ -28,8 +28,10 @@ def status(model: nn.Module) -> list[dict[str, Any]]:
     """One row per DuQuant layer: backend (and why), device, dtype, precision, whether the
     weight is pre-quantized and cached, activation mode, row rotation, bytes held.
 
-    This is how a user checks the fast path is on: every row should say `cached: True`, and
-    a `note` flags layers whose output stays rotated (propagate mode).
+    This is how a user checks the fast path is on: every row should say `cached: True`, and on
+    CPU `prep: fused` (the activation path in C, `runtime.prep`; "torch ops" where there is no
+    C compiler or the layer has static or asymmetric activations); a `note` flags layers whose
+    output stays rotated (propagate mode).
 
     Example:
         >>> for row in status(model):  # doctest: +SKIP
@@ -54,6 +56,7 @@ def status(model: nn.Module) -> list[dict[str, Any]]:
                 "weight_dtype": None if w is None else str(w.dtype).removeprefix("torch."),
                 "prequantized": m.w_bits < 16,
                 "cached": w is not None,
+                "prep": "fused" if m.fused else "torch ops",
                 "activations": act_status(m),
                 "act_calibrated": m.calibrated and m.act_scale is not None,
                 "row_rot": m.row_rot,

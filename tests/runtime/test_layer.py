@@ -409,7 +409,9 @@ def test_when_the_eager_dense_forward_runs_row_major() -> None:
 
 @pytest.mark.parametrize("rotation", [Rotation.HADAMARD, Rotation.SVD])
 @pytest.mark.parametrize("tokens", [16, 64])
-def test_half_precision_layers_run_row_major(tmp_path: Path, rotation, tokens: int) -> None:
+def test_half_precision_layers_run_row_major(
+    tmp_path: Path, rotation, tokens: int, torch_prep
+) -> None:
     """bfloat16 with 4096 inputs, at 16 tokens where the input blocks share one matrix and at
     64: the eager forward runs row-major (a gather of x's bits, nn.Linear's matmul order, a
     shared block matrix as one mm) and computes what the channels-major forward does."""

@@ -9,6 +9,7 @@ import torch
 from duquant_cli.config import RowRot
 from duquant_cli.runtime.calibrate import calibrating
 from duquant_cli.runtime.loader import load_packed, module_bytes
+from duquant_cli.runtime.prep import library
 from duquant_cli.runtime.status import PROPAGATE_NOTE, status
 from tests.runtime.util import LINEARS, W16A16, TinyNet, clone_model, make_pack
 
@@ -34,6 +35,7 @@ def test_rows_after_load(tmp_path: Path) -> None:
         "dtype": "float32",  # int8 runs its transforms in float32, returns the input's dtype
         "prequantized": True,
         "cached": True,
+        "prep": "fused" if library() is not None else "torch ops",
         "activations": "dynamic",
         "act_calibrated": False,
         "row_rot": "restore",

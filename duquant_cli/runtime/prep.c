@@ -1,0 +1,224 @@
+/* The activation path of `DuQuantLinear.forward_rows` before its matmul, fused: per token row,
+   the input block transform, the permutation, the second block transform and the per-token
+   dynamic quantization, with the row in cache from load to store, where torch's ops make about
+   ten passes over the activations. `runtime/prep.py` builds this file at first use and checks
+   it against those ops. Every formula is the torch op's: the same float32 products, division
+   and round-half-even; only the order of a block product's sum may differ (here: over the
+   block's input channels, in order, with fused multiply-adds). AVX-512 where the CPU has it,
+   plain C elsewhere. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+typedef struct {
+    const float *blocks; /* [nb, b, b]: y_k = x_k @ R_k; where `scales` is set, R_0 only */
+    const float *scales; /* [nb * b]: y_k = (x_k * s_k) @ R_0 (blocks one matrix up to them) */
+    const float *tail;   /* [t, t], the last t channels, or NULL */
+    int64_t nb, b, t;    /* nb == 0: no transform */
+} blocks_t;
+
+enum { IN_FLOAT32 = 0, IN_BFLOAT16 = 1 };
+enum { OUT_FLOAT32 = 0, OUT_BFLOAT16 = 1, OUT_CODES = 2 };
+
+typedef struct {
+    const void *x;        /* [rows, n], IN_* */
+    void *out;            /* [rows, n], OUT_*: scaled back (dense), or uint8 codes + 128 */
+    float *scale;         /* [rows]: the per-token scale (OUT_CODES), or NULL */
+    const int32_t *perm;  /* [n]: h[:, j] = h[:, perm[j]] between the transforms, or NULL */
+    blocks_t in1, in2;
+    int64_t rows, n;
+    int32_t in_dtype, out_kind;
+    float clip_over_qmax; /* act_clip / qmax, as torch's float32 multiply sees it */
+    float qmax;
+    int32_t clamp;        /* act_clip < 1: codes clamped to [-qmax - 1, qmax] */
+} prep_t;
+
+static inline float bf16_to_float(uint16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) { /* round to nearest even, as c10::BFloat16 */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if (isnan(f)) return 0x7FC0;
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* y = (x[idx] * s) @ R for one b x b block (idx, s NULL: x itself, unscaled). */
+static void block(const float *restrict x, const int32_t *idx, const float *restrict s,
+                  const float *restrict r, float *restrict y, int64_t b) {
+    for (int64_t j = 0; j < b; j++) y[j] = 0.0f;
+    for (int64_t i = 0; i < b; i++) {
+        float v = idx ? x[idx[i]] : x[i];
+        if (s) v *= s[i];
+        for (int64_t j = 0; j < b; j++) y[j] += v * r[i * b + j];
+    }
+}
+
+#ifdef __AVX512F__
+/* 16-wide blocks, `G` at a time, each block's sums in one register: G independent chains of
+   multiply-adds hide their latency. `rstride`: 0 where every block is R_0 up to row scales,
+   256 for a stack of distinct blocks. Returns the blocks done. */
+#define G 8
+static int64_t blocks16(const float *restrict x, const int32_t *idx, const float *restrict s,
+                        const float *restrict r, int64_t rstride, float *restrict y, int64_t nb) {
+    float xs[16 * G];
+    int64_t k = 0;
+    for (; k + G <= nb; k += G) {
+        for (int u = 0; u < G; u++) {
+            const int64_t c = (k + u) * 16;
+            __m512 v = idx ? _mm512_i32gather_ps(_mm512_loadu_si512(idx + c), x, 4)
+                           : _mm512_loadu_ps(x + c);
+            if (s) v = _mm512_mul_ps(v, _mm512_loadu_ps(s + c));
+            _mm512_storeu_ps(xs + 16 * u, v);
+        }
+        __m512 acc[G];
+        for (int u = 0; u < G; u++) acc[u] = _mm512_setzero_ps();
+        const float *rk = r + k * rstride;
+        if (rstride == 0) {
+            for (int i = 0; i < 16; i++) {
+                const __m512 ri = _mm512_loadu_ps(r + 16 * i);
+                for (int u = 0; u < G; u++)
+                    acc[u] = _mm512_fmadd_ps(_mm512_set1_ps(xs[16 * u + i]), ri, acc[u]);
+            }
+        } else {
+            for (int i = 0; i < 16; i++)
+                for (int u = 0; u < G; u++)
+                    acc[u] = _mm512_fmadd_ps(_mm512_set1_ps(xs[16 * u + i]),
+                                             _mm512_loadu_ps(rk + u * rstride + 16 * i), acc[u]);
+        }
+        for (int u = 0; u < G; u++) _mm512_storeu_ps(y + (k + u) * 16, acc[u]);
+    }
+    return k;
+}
+#endif
+
+/* y = x[perm] @ blockdiag(t) (perm NULL: x @ blockdiag(t)). */
+static void transform(const float *restrict x, const int32_t *perm, float *restrict y,
+                      const blocks_t *t) {
+    const int64_t b = t->b, stride = t->scales ? 0 : b * b;
+    int64_t k = 0;
+#ifdef __AVX512F__
+    if (b == 16) k = blocks16(x, perm, t->scales, t->blocks, stride, y, t->nb);
+#endif
+    for (; k < t->nb; k++)
+        block(perm ? x : x + k * b, perm ? perm + k * b : NULL,
+              t->scales ? t->scales + k * b : NULL, t->blocks + k * stride, y + k * b, b);
+    /* The tail's channels: x[perm[head:]] (or x[head:]). */
+    const int64_t head = t->nb * b;
+    if (t->tail) block(perm ? x : x + head, perm ? perm + head : NULL, NULL, t->tail, y + head, t->t);
+}
+
+/* The row's (min, max). */
+static void min_max(const float *restrict h, int64_t n, float *lo_out, float *hi_out) {
+    float lo = h[0], hi = h[0];
+    int64_t j = 0;
+#ifdef __AVX512F__
+    __m512 vlo = _mm512_set1_ps(h[0]), vhi = vlo;
+    for (; j + 16 <= n; j += 16) {
+        const __m512 v = _mm512_loadu_ps(h + j);
+        vlo = _mm512_min_ps(vlo, v);
+        vhi = _mm512_max_ps(vhi, v);
+    }
+    lo = _mm512_reduce_min_ps(vlo);
+    hi = _mm512_reduce_max_ps(vhi);
+#endif
+    for (; j < n; j++) {
+        lo = h[j] < lo ? h[j] : lo;
+        hi = h[j] > hi ? h[j] : hi;
+    }
+    *lo_out = lo, *hi_out = hi;
+}
+
+/* round(h / scale), clamped where asked, then stored as `out_kind`. */
+static void quantize(const prep_t *p, const float *restrict h, float scale, int64_t i) {
+    const int64_t n = p->n;
+    const float qmax = p->qmax, qmin = -qmax - 1.0f;
+    int64_t j = 0;
+#ifdef __AVX512F__
+    const __m512 vs = _mm512_set1_ps(scale), vmin = _mm512_set1_ps(qmin);
+    const __m512 vmax = _mm512_set1_ps(qmax), shift = _mm512_set1_ps(128.0f);
+    for (; j + 16 <= n; j += 16) {
+        __m512 q = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(h + j), vs),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        if (p->clamp) q = _mm512_min_ps(_mm512_max_ps(q, vmin), vmax);
+        if (p->out_kind == OUT_CODES) {
+            const __m512i c = _mm512_cvttps_epi32(_mm512_add_ps(q, shift));
+            _mm_storeu_si128((__m128i *)((uint8_t *)p->out + i * n + j), _mm512_cvtepi32_epi8(c));
+        } else if (p->out_kind == OUT_BFLOAT16) {
+            const __m512 f = _mm512_mul_ps(q, vs);
+            const __m512i u = _mm512_castps_si512(f);
+            const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+            __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd);
+            r = _mm512_mask_mov_epi32(_mm512_srli_epi32(r, 16),
+                                      _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q),
+                                      _mm512_set1_epi32(0x7FC0));
+            _mm256_storeu_si256((__m256i *)((uint16_t *)p->out + i * n + j),
+                                _mm512_cvtepi32_epi16(r));
+        } else {
+            _mm512_storeu_ps((float *)p->out + i * n + j, _mm512_mul_ps(q, vs));
+        }
+    }
+#endif
+    for (; j < n; j++) {
+        float q = nearbyintf(h[j] / scale);
+        if (p->clamp) q = q < qmin ? qmin : (q > qmax ? qmax : q);
+        if (p->out_kind == OUT_CODES)
+            ((uint8_t *)p->out)[i * n + j] = (uint8_t)(q + 128.0f);
+        else if (p->out_kind == OUT_BFLOAT16)
+            ((uint16_t *)p->out)[i * n + j] = float_to_bf16(q * scale);
+        else
+            ((float *)p->out)[i * n + j] = q * scale;
+    }
+}
+
+static void row(const prep_t *p, int64_t i, float *a, float *c) {
+    const int64_t n = p->n;
+    float *cur = a, *other = c, *swap;
+    if (p->in_dtype == IN_BFLOAT16) {
+        const uint16_t *x = (const uint16_t *)p->x + i * n;
+        for (int64_t j = 0; j < n; j++) cur[j] = bf16_to_float(x[j]);
+    } else {
+        memcpy(cur, (const float *)p->x + i * n, n * sizeof(float));
+    }
+    if (p->in1.nb) {
+        transform(cur, NULL, other, &p->in1);
+        swap = cur, cur = other, other = swap;
+    }
+    if (p->in2.nb) { /* the permutation read by the second transform */
+        transform(cur, p->perm, other, &p->in2);
+        swap = cur, cur = other, other = swap;
+    } else if (p->perm) {
+        for (int64_t j = 0; j < n; j++) other[j] = cur[p->perm[j]];
+        swap = cur, cur = other, other = swap;
+    }
+    float lo, hi;
+    min_max(cur, n, &lo, &hi);
+    float scale = (hi > -lo ? hi : -lo) * p->clip_over_qmax;
+    scale = scale < 1e-8f ? 1e-8f : scale;
+    if (p->scale) p->scale[i] = scale;
+    quantize(p, cur, scale, i);
+}
+
+/* 0 on success, 1 where a row buffer could not be allocated. */
+int duquant_prep(const prep_t *p) {
+    int failed = 0;
+    /* Threads only where there is work for them: a parallel region costs a few microseconds. */
+#pragma omp parallel if (p->rows > 1 && p->rows * p->n >= 16384) reduction(| : failed)
+    {
+        float *buf = malloc(2 * p->n * sizeof(float));
+        if (!buf) failed = 1;
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < p->rows; i++)
+            if (buf) row(p, i, buf, buf + p->n);
+        free(buf);
+    }
+    return failed;
+}

@@ -1,0 +1,178 @@
+"""The fused activation path (`runtime/prep.c`): what torch's ops compute, on every layout a pack
+gives it (shared and distinct blocks, tails, block sizes, smoothing, clipping, both dtypes, codes
+and scaled-back activations, one thread and several); torch's ops wherever it cannot run; and a
+library that is built once, atomically, and refused when it does not agree."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from duquant_cli.commands.pack import CALIBRATED_DEFAULTS
+from duquant_cli.config import Precision, Rotation, Scheme
+from duquant_cli.runtime import prep
+from duquant_cli.runtime.backends import KERNELS, Backend
+from duquant_cli.runtime.layer import DuQuantLinear
+from duquant_cli.runtime.loader import load_packed
+from duquant_cli.runtime.status import status
+from tests.runtime.util import LINEARS, TinyNet, clone_model, make_pack, tiny_stats
+
+pytestmark = pytest.mark.skipif(prep.library() is None, reason="no C compiler here")
+# 136 and 272 inputs at block 16: 8 and 17 blocks (the vector path in groups of 8, then single
+# blocks) and a tail of 8 channels where 136 does not divide.
+DIMS = (136, 272, 24)
+PACKS = {
+    "hadamard": {},  # one matrix with row signs, a zigzag permutation
+    "svd": {"rotation": Rotation.SVD},  # a distinct matrix per block
+    "block8": {"block": 8},  # the plain C path
+    "calibrated": CALIBRATED_DEFAULTS,  # smoothing folded into in1 (row scales), greedy blocks
+    "clipped": {"act_clip": 0.5, "act_scheme": Scheme.SYM},  # codes clamped
+}
+
+
+def _model(tmp_path: Path, kind: str, backend: str, dtype=torch.float32) -> TinyNet:
+    base = TinyNet(dims=DIMS)
+    stats = tiny_stats(base) if kind == "calibrated" else None
+    model = clone_model(base, dims=DIMS).to(dtype)
+    load_packed(model, make_pack(tmp_path, base, stats=stats, **PACKS[kind]), backend=backend)
+    return model
+
+
+def _both(layer: DuQuantLinear, x: torch.Tensor):
+    """(fused, torch ops): the quantized activations and per-token scales of one input."""
+    plan = layer._row_plan(False)
+    assert plan.prep is not None
+    with torch.no_grad():
+        fused = plan.prep(x)
+        ops = layer._quantize_rows(x, plan, False)
+    return fused, ops
+
+
+@pytest.mark.parametrize("kind", list(PACKS))
+@pytest.mark.parametrize("backend", ["dense", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 3, 80])
+def test_fused_activations_are_torch_ops(tmp_path: Path, kind, backend, dtype, tokens) -> None:
+    """Every layer: the same per-token scales, and the same activations but where a block
+    product summed in another order lands on the other side of a rounding boundary: one
+    quantization step, at a few of the entries at most."""
+    model = _model(tmp_path, kind, backend, dtype)
+    gen = torch.Generator().manual_seed(tokens)
+    for name in LINEARS:
+        layer = model.get_submodule(name)
+        x = (torch.randn(tokens, layer.in_features, generator=gen) * 2).to(dtype)
+        x[:, 5] *= 40  # an outlier channel
+        (h, scale), (want, want_scale) = _both(layer, x)
+        if backend == "int8":
+            assert h.dtype == torch.uint8 and scale.shape == (tokens, 1)
+            assert torch.allclose(scale, want_scale, rtol=1e-6, atol=0)
+            diff, step = h.float() - 128 - want, torch.ones(())
+        else:
+            assert h.dtype == dtype and scale is None and want_scale is None
+            # Equal codes give values equal to a rounding of the scale (which may differ in its
+            # last bit); a step is at most the token's largest value / 127.
+            diff = h.float() - want.to(dtype).float()
+            step = want.float().abs().amax(1, keepdim=True) / 127 * 1.01
+        assert (diff.abs() <= step).all(), name
+        assert (diff.abs() > 1e-3 * step).float().mean() <= 0.01, name
+
+
+def test_layers_run_fused_and_compute_what_torch_ops_do(tmp_path: Path, monkeypatch) -> None:
+    """Whole model forwards, fused against torch ops (the same packs and kernels), with the
+    rows split over threads (80 tokens x 272 inputs) and without; and `status` says which."""
+    model = _model(tmp_path, "calibrated", "dense")
+    assert {r["prep"] for r in status(model)} == {"fused"}
+    x = torch.randn(80, DIMS[0], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fused = model(x)
+        monkeypatch.setattr(prep, "library", lambda: None)
+        for name in LINEARS:
+            model.get_submodule(name).__dict__.pop("_plan")
+        assert {r["prep"] for r in status(model)} == {"torch ops"}
+        ops = model(x)
+    assert ((fused - ops).norm() / ops.norm()).item() < 1e-3
+
+
+def test_layers_called_from_two_threads(tmp_path: Path) -> None:
+    """Each call has its own arguments: two threads running the same layers get what one
+    thread gets."""
+    model = _model(tmp_path, "hadamard", "int8")
+    xs = [torch.randn(7, DIMS[0], generator=torch.Generator().manual_seed(i)) for i in range(40)]
+    with torch.no_grad():
+        want = [model(x) for x in xs]
+        with ThreadPoolExecutor(2) as pool:
+            got = list(pool.map(model, xs))
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+
+
+def test_where_the_fused_path_does_not_run(tmp_path: Path, torch_prep) -> None:
+    """Without the library every layer runs torch's ops (and computes)."""
+    model = _model(tmp_path, "hadamard", "dense")
+    assert {r["prep"] for r in status(model)} == {"torch ops"}
+    assert model(torch.randn(3, DIMS[0])).isfinite().all()
+
+
+@pytest.mark.parametrize(
+    "why", ["float16", "asymmetric", "static", "autograd", "observer", "w4a16", "torch kernel"]
+)
+def test_layers_the_fused_path_leaves_to_torch_ops(tmp_path: Path, why: str) -> None:
+    """What the C code does not do runs torch's ops: float16 (it reads and writes float32 and
+    bfloat16), asymmetric or static activations, unquantized activations, an input that needs
+    a gradient, calibration, int8 on torch's own (channels-major) kernel."""
+    cfg = {"act_scheme": Scheme.ASYM} if why == "asymmetric" else {}
+    if why == "w4a16":
+        cfg["precision"] = Precision.parse("w4a16")
+    base = TinyNet(dims=DIMS)
+    model = clone_model(base, dims=DIMS)
+    dtype = torch.float16 if why == "float16" else torch.float32
+    load_packed(model, make_pack(tmp_path, base, **cfg), backend="dense", dtype=dtype)
+    layer = model.get_submodule(LINEARS[0])
+    x = torch.randn(5, DIMS[0], dtype=dtype)
+    if why == "static":
+        layer.act_scale = torch.ones(DIMS[0])
+        layer.act_mode = "static"
+    if why == "observer":
+        layer.observer = lambda *args: None
+    if why == "torch kernel":
+        model = _model(tmp_path, "hadamard", "int8")
+        layer = model.get_submodule(LINEARS[0])
+        layer.use_kernel(KERNELS[Backend.INT8])
+    if why == "autograd":
+        assert layer.fused
+        xg = x.clone().requires_grad_(True)
+        layer(xg).sum().backward()
+        assert xg.grad is not None and xg.grad.abs().sum() > 0
+        return
+    assert not layer.fused
+    assert layer(x).isfinite().all()
+
+
+def test_the_library_is_built_once_into_the_cache(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(prep, "cache_dir", lambda: tmp_path)
+    lib = prep.library.__wrapped__()
+    assert lib is not None
+    built = list(tmp_path.glob("prep-*.so"))
+    assert len(built) == 1 and not list(tmp_path.glob("tmp*"))  # no temporary file left
+    stamp = built[0].stat().st_mtime_ns
+    assert prep.library.__wrapped__() is not None
+    assert built[0].stat().st_mtime_ns == stamp  # loaded, not built again
+
+
+def test_a_failed_build_falls_back(tmp_path: Path, monkeypatch, caplog) -> None:
+    monkeypatch.setattr(prep, "cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(prep, "FLAGS", ("-fno-such-flag-anywhere", *prep.FLAGS))
+    with caplog.at_level(logging.INFO, logger="duquant"):
+        assert prep.library.__wrapped__() is None
+    assert "prep.c did not build" in caplog.text
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_a_library_that_disagrees_is_refused(tmp_path: Path, monkeypatch, caplog) -> None:
+    monkeypatch.setattr(prep, "cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(prep, "_agrees", lambda lib: False)
+    assert prep.library.__wrapped__() is None
+    assert "disagrees" in caplog.text
