@@ -38,7 +38,7 @@ from duquant_cli.runtime.backends import (
     rows_eagerly,
     rows_weight_first,
 )
-from duquant_cli.runtime.prep import IN_DTYPES, Prep, library
+from duquant_cli.runtime.prep import IN_DTYPES, OUT_DTYPES, Finish, Prep, library
 
 _BLOCK_FIELDS = ("in1", "in1_tail", "in2", "in2_tail", "out", "out_tail")
 # Derived at load, not saved: the row scales of block stacks that are one matrix up to them.
@@ -213,6 +213,7 @@ class _RowPlan:
     dense: bool
     observer: object | None
     prep: Prep | None  # the fused activation path, where it runs this layer (`runtime.prep`)
+    finish: Finish | None  # and the int8 tail: scale, bias, restore, cast
 
 
 def _fake_quant(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -575,6 +576,7 @@ class DuQuantLinear(nn.Module):
                 dense=self.backend is Backend.DENSE,
                 observer=self.observer,
                 prep=None if compiling else self._prep(),
+                finish=None if compiling else self._finish(),
             )
             if not compiling:
                 self.__dict__["_plan"] = plan
@@ -599,6 +601,14 @@ class DuQuantLinear(nn.Module):
             self.a_bits,
             self.act_clip,
             out_dtype,
+        )
+
+    def _finish(self) -> Finish | None:
+        """The fused tail of this layer's eager row-major int8 forward."""
+        if self.backend is not Backend.INT8 or not self.kernel.rows:
+            return None
+        return Finish.of(
+            self.out_features, self.bias, (self.out, self.out_tail, self.out_row_scales)
         )
 
     @property
@@ -639,6 +649,8 @@ class DuQuantLinear(nn.Module):
         # int8 on oneDNN: float32 with the weight scale applied. In place where autograd does
         # not need y (it is this forward's own).
         y = p.kernel.linear_rows(self, h)
+        if p.finish is not None and x.dtype in OUT_DTYPES and not y.requires_grad:
+            return p.finish(y, scale, x.dtype)
         if scale is not None:
             y = torch.mul(y, scale) if y.requires_grad else y.mul_(scale)
         if p.bias is not None:

@@ -1,11 +1,12 @@
-/* The activation path of `DuQuantLinear.forward_rows` before its matmul, fused: per token row,
-   the input block transform, the permutation, the second block transform and the per-token
-   dynamic quantization, with the row in cache from load to store, where torch's ops make about
-   ten passes over the activations. `runtime/prep.py` builds this file at first use and checks
-   it against those ops. Every formula is the torch op's: the same float32 products, division
-   and round-half-even; only the order of a block product's sum may differ (here: over the
-   block's input channels, in order, with fused multiply-adds). AVX-512 where the CPU has it,
-   plain C elsewhere. */
+/* The activation path of `DuQuantLinear.forward_rows` around its matmul, fused. Before it
+   (`duquant_prep`), per token row: the input block transform, the permutation, the second block
+   transform and the per-token dynamic quantization; after the int8 matmul (`duquant_finish`):
+   the token's scale, the bias, the row restore and the cast. Each row stays in cache from load
+   to store, where torch's ops make a pass over all the activations per step.
+   `runtime/prep.py` builds this file at first use and checks it against those ops. Every
+   formula is the torch op's: the same float32 products, division and round-half-even; only
+   the order of a block product's sum may differ (here: over the block's input channels, in
+   order, with fused multiply-adds). AVX-512 where the CPU has it, plain C elsewhere. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -205,6 +206,74 @@ static void row(const prep_t *p, int64_t i, float *a, float *c) {
     scale = scale < 1e-8f ? 1e-8f : scale;
     if (p->scale) p->scale[i] = scale;
     quantize(p, cur, scale, i);
+}
+
+typedef struct {
+    const float *y;      /* [rows, n] float32: the int8 matmul's output, weight scale applied */
+    void *out;           /* [rows, n], OUT_FLOAT32 or OUT_BFLOAT16 */
+    const float *scale;  /* [rows]: the per-token scale */
+    const float *bias;   /* [n], added before the restore (rotated back by it), or NULL */
+    blocks_t restore;    /* y @ blockdiag(restore) (nb == 0: none) */
+    int64_t rows, n;
+    int32_t out_kind;
+} finish_t;
+
+static void store(const float *restrict h, int64_t n, int32_t kind, void *dst) {
+    if (kind == OUT_FLOAT32) {
+        memcpy(dst, h, n * sizeof(float));
+        return;
+    }
+    uint16_t *out = dst;
+    int64_t j = 0;
+#ifdef __AVX512F__
+    for (; j + 16 <= n; j += 16) {
+        const __m512 f = _mm512_loadu_ps(h + j);
+        const __m512i u = _mm512_castps_si512(f);
+        const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+        __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd);
+        r = _mm512_mask_mov_epi32(_mm512_srli_epi32(r, 16), _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q),
+                                  _mm512_set1_epi32(0x7FC0));
+        _mm256_storeu_si256((__m256i *)(out + j), _mm512_cvtepi32_epi16(r));
+    }
+#endif
+    for (; j < n; j++) out[j] = float_to_bf16(h[j]);
+}
+
+static void finish_row(const finish_t *f, int64_t i, float *a, float *c) {
+    const int64_t n = f->n;
+    const float *y = f->y + i * n, s = f->scale[i];
+    int64_t j = 0;
+#ifdef __AVX512F__ /* y * s, then + bias: two roundings, as torch's two ops */
+    const __m512 vs = _mm512_set1_ps(s);
+    for (; j + 16 <= n; j += 16) {
+        __m512 v = _mm512_mul_ps(_mm512_loadu_ps(y + j), vs);
+        if (f->bias) v = _mm512_add_ps(v, _mm512_loadu_ps(f->bias + j));
+        _mm512_storeu_ps(a + j, v);
+    }
+#endif
+    for (; j < n; j++) {
+        const volatile float v = y[j] * s; /* not contracted with the add below */
+        a[j] = f->bias ? v + f->bias[j] : v;
+    }
+    if (f->restore.nb) {
+        transform(a, NULL, c, &f->restore);
+        a = c;
+    }
+    store(a, n, f->out_kind, (char *)f->out + i * n * (f->out_kind == OUT_FLOAT32 ? 4 : 2));
+}
+
+int duquant_finish(const finish_t *f) {
+    int failed = 0;
+#pragma omp parallel if (f->rows > 1 && f->rows * f->n >= 16384) reduction(| : failed)
+    {
+        float *buf = malloc(2 * f->n * sizeof(float));
+        if (!buf) failed = 1;
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < f->rows; i++)
+            if (buf) finish_row(f, i, buf, buf + f->n);
+        free(buf);
+    }
+    return failed;
 }
 
 /* 0 on success, 1 where a row buffer could not be allocated. */

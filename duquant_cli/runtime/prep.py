@@ -68,6 +68,19 @@ class _Prep(ctypes.Structure):
     )
 
 
+class _Finish(ctypes.Structure):
+    _fields_ = (
+        ("y", ctypes.c_void_p),
+        ("out", ctypes.c_void_p),
+        ("scale", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p),
+        ("restore", _Blocks),
+        ("rows", ctypes.c_int64),
+        ("n", ctypes.c_int64),
+        ("out_kind", ctypes.c_int32),
+    )
+
+
 def cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "duquant" / "kernels"
@@ -131,7 +144,8 @@ def library() -> ctypes.CDLL | None:
         log.warning("prep library did not load (%s): DuQuant layers run torch's ops", e)
         return None
     lib.duquant_prep.argtypes = (ctypes.POINTER(_Prep),)
-    lib.duquant_prep.restype = ctypes.c_int
+    lib.duquant_finish.argtypes = (ctypes.POINTER(_Finish),)
+    lib.duquant_prep.restype = lib.duquant_finish.restype = ctypes.c_int
     if not _agrees(lib):
         log.warning("prep library disagrees with torch's ops: not used")
         return None
@@ -150,6 +164,15 @@ def _blocks(
     nb, b, _ = blocks.shape
     t = 0 if tail is None else tail.shape[0]
     return _Blocks(_ptr(blocks), _ptr(scales), _ptr(tail), nb, b, t)
+
+
+def _cpu_floats(*tensors: torch.Tensor | None) -> bool:
+    """Whether every tensor given is as the C code reads it: contiguous float32 on the CPU."""
+    return all(
+        t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu"
+        for t in tensors
+        if t is not None
+    )
 
 
 @dataclass(frozen=True)
@@ -183,9 +206,7 @@ class Prep:
         if lib is None or (out_dtype not in OUT_DTYPES and out_dtype != torch.uint8):
             return None
         floats = [t for t in (*in1, *in2) if t is not None]
-        if any(t.dtype != torch.float32 or not t.is_contiguous() for t in floats) or any(
-            t.device.type != "cpu" for t in [*floats, *([] if perm is None else [perm])]
-        ):
+        if not _cpu_floats(*floats) or (perm is not None and perm.device.type != "cpu"):
             return None
         if perm is not None:
             perm = perm.to(torch.int32)  # 16 indices to a vector gather
@@ -221,6 +242,39 @@ class Prep:
         return out, scale
 
 
+@dataclass(frozen=True)
+class Finish:
+    """One int8 layer's fused tail: y [T, out] float32 (its matmul's, weight scale applied) and
+    the per-token scale -> (y * scale + bias) @ blockdiag(restore) in float32 or bfloat16."""
+
+    args: _Finish
+    keep: tuple[torch.Tensor, ...]
+    fn: object
+
+    @classmethod
+    def of(
+        cls, n: int, bias: torch.Tensor | None, restore: tuple[torch.Tensor | None, ...]
+    ) -> Finish | None:
+        """restore: (blocks, tail, row scales or None). None where the library is missing or a
+        tensor is not as the C code reads it."""
+        lib = library()
+        if lib is None or not _cpu_floats(bias, *restore):
+            return None
+        args = _Finish(bias=_ptr(bias), restore=_blocks(*restore), n=n)
+        keep = tuple(t for t in (bias, *restore) if t is not None)
+        return cls(args, keep, lib.duquant_finish)
+
+    def __call__(self, y: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """y contiguous, `dtype` float32 or bfloat16, without autograd (the caller checks)."""
+        out = torch.empty(y.shape, dtype=dtype)
+        a = _Finish.from_buffer_copy(self.args)
+        a.y, a.out, a.scale, a.rows = y.data_ptr(), out.data_ptr(), scale.data_ptr(), y.shape[0]
+        a.out_kind = OUT_DTYPES[dtype]
+        if self.fn(ctypes.byref(a)):
+            raise MemoryError("prep: no memory for a row buffer")
+        return out
+
+
 def _blockdiag(h: torch.Tensor, blocks: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
     nb, b, _ = blocks.shape
     head = torch.einsum("tki,kij->tkj", h[:, : nb * b].reshape(len(h), nb, b), blocks)
@@ -231,8 +285,8 @@ def _agrees(lib: ctypes.CDLL) -> bool:
     """The library on a case whose block products are exact in any summation order (dyadic
     inputs, signed Hadamard blocks): a first transform one matrix up to row scales and a
     second of distinct blocks, both with a tail, the permutation between them, over enough
-    blocks for the vector path and the plain one. Codes and scales equal to torch's, bit for
-    bit."""
+    blocks for the vector path and the plain one; then the int8 tail. Codes, scales and
+    outputs equal to torch's, bit for bit."""
     gen = torch.Generator().manual_seed(0)
     rows, nb, n = 3, 9, 9 * 16 + 4
     x = torch.randint(-8, 9, (rows, n), generator=gen).float() / 2
@@ -260,6 +314,15 @@ def _agrees(lib: ctypes.CDLL) -> bool:
     )
     got, got_scale = torch.empty(rows, n, dtype=torch.uint8), torch.empty(rows, 1)
     args.x, args.out, args.scale, args.rows = _ptr(x), _ptr(got), _ptr(got_scale), rows
-    return lib.duquant_prep(ctypes.byref(args)) == 0 and (
+    if lib.duquant_prep(ctypes.byref(args)) or not (
         torch.equal(got, want) and torch.equal(got_scale, scale)
-    )
+    ):
+        return False
+    # The int8 tail: y * scale + bias, the restore (distinct blocks and a tail), bfloat16.
+    bias = torch.randint(-8, 9, (n,), generator=gen).float() / 4
+    tok = (2.0 ** torch.randint(-3, 3, (rows, 1), generator=gen)).float()
+    want = _blockdiag(x * tok + bias, distinct, tail).to(torch.bfloat16)
+    fin = _Finish(bias=_ptr(bias), restore=_blocks(distinct, tail, None), n=n, out_kind=1)
+    got = torch.empty(rows, n, dtype=torch.bfloat16)
+    fin.y, fin.out, fin.scale, fin.rows = _ptr(x), _ptr(got), _ptr(tok), rows
+    return lib.duquant_finish(ctypes.byref(fin)) == 0 and torch.equal(got, want)

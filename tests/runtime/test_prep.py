@@ -81,12 +81,23 @@ def test_fused_activations_are_torch_ops(tmp_path: Path, kind, backend, dtype, t
         assert (diff.abs() > 1e-3 * step).float().mean() <= 0.01, name
 
 
-def test_layers_run_fused_and_compute_what_torch_ops_do(tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize(
+    ("kind", "backend"), [("calibrated", "dense"), ("hadamard", "int8"), ("svd", "int8")]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layers_run_fused_and_compute_what_torch_ops_do(
+    tmp_path: Path, monkeypatch, kind: str, backend: str, dtype
+) -> None:
     """Whole model forwards, fused against torch ops (the same packs and kernels), with the
-    rows split over threads (80 tokens x 272 inputs) and without; and `status` says which."""
-    model = _model(tmp_path, "calibrated", "dense")
+    rows split over threads (80 tokens x 272 inputs) and without: dense, and int8 with its
+    fused tail (scale, bias, row restore of shared or distinct blocks, cast); and `status`
+    says which path runs."""
+    model = _model(tmp_path, kind, backend, dtype)
     assert {r["prep"] for r in status(model)} == {"fused"}
-    x = torch.randn(80, DIMS[0], generator=torch.Generator().manual_seed(0))
+    if backend == "int8":
+        assert all(model.get_submodule(n)._row_plan(False).finish is not None for n in LINEARS)
+        assert model.proj.out is not None and model.proj.bias is not None
+    x = torch.randn(80, DIMS[0], generator=torch.Generator().manual_seed(0)).to(dtype)
     with torch.no_grad():
         fused = model(x)
         monkeypatch.setattr(prep, "library", lambda: None)
@@ -94,7 +105,9 @@ def test_layers_run_fused_and_compute_what_torch_ops_do(tmp_path: Path, monkeypa
             model.get_submodule(name).__dict__.pop("_plan")
         assert {r["prep"] for r in status(model)} == {"torch ops"}
         ops = model(x)
-    assert ((fused - ops).norm() / ops.norm()).item() < 1e-3
+    assert fused.dtype == ops.dtype == dtype
+    tol = 1e-3 if dtype == torch.float32 else 1e-2
+    assert ((fused.float() - ops.float()).norm() / ops.float().norm()).item() < tol
 
 
 def test_layers_called_from_two_threads(tmp_path: Path) -> None:
