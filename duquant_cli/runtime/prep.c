@@ -29,7 +29,7 @@ typedef struct {
     const void *x;        /* [rows, n], IN_* */
     void *out;            /* [rows, n], OUT_*: scaled back (dense), or uint8 codes + 128 */
     float *scale;         /* [rows]: the per-token scale (OUT_CODES), or NULL */
-    const int32_t *perm;  /* [n]: h[:, j] = h[:, perm[j]] between the transforms, or NULL */
+    const int64_t *perm;  /* [n]: h[:, j] = h[:, perm[j]] between the transforms, or NULL */
     blocks_t in1, in2;
     int64_t rows, n;
     int32_t in_dtype, out_kind;
@@ -53,7 +53,7 @@ static inline uint16_t float_to_bf16(float f) { /* round to nearest even, as c10
 }
 
 /* y = (x[idx] * s) @ R for one b x b block (idx, s NULL: x itself, unscaled). */
-static void block(const float *restrict x, const int32_t *idx, const float *restrict s,
+static void block(const float *restrict x, const int64_t *idx, const float *restrict s,
                   const float *restrict r, float *restrict y, int64_t b) {
     for (int64_t j = 0; j < b; j++) y[j] = 0.0f;
     for (int64_t i = 0; i < b; i++) {
@@ -68,15 +68,22 @@ static void block(const float *restrict x, const int32_t *idx, const float *rest
    multiply-adds hide their latency. `rstride`: 0 where every block is R_0 up to row scales,
    256 for a stack of distinct blocks. Returns the blocks done. */
 #define G 8
-static int64_t blocks16(const float *restrict x, const int32_t *idx, const float *restrict s,
+
+/* x[idx[0..16)]: two gathers of 8 (the indices are int64, as torch keeps them). */
+static inline __m512 gather16(const float *x, const int64_t *idx) {
+    const __m256 lo = _mm512_i64gather_ps(_mm512_loadu_si512(idx), x, 4);
+    const __m256 hi = _mm512_i64gather_ps(_mm512_loadu_si512(idx + 8), x, 4);
+    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(lo)),
+                                               _mm256_castps_pd(hi), 1));
+}
+static int64_t blocks16(const float *restrict x, const int64_t *idx, const float *restrict s,
                         const float *restrict r, int64_t rstride, float *restrict y, int64_t nb) {
     float xs[16 * G];
     int64_t k = 0;
     for (; k + G <= nb; k += G) {
         for (int u = 0; u < G; u++) {
             const int64_t c = (k + u) * 16;
-            __m512 v = idx ? _mm512_i32gather_ps(_mm512_loadu_si512(idx + c), x, 4)
-                           : _mm512_loadu_ps(x + c);
+            __m512 v = idx ? gather16(x, idx + c) : _mm512_loadu_ps(x + c);
             if (s) v = _mm512_mul_ps(v, _mm512_loadu_ps(s + c));
             _mm512_storeu_ps(xs + 16 * u, v);
         }
@@ -102,7 +109,7 @@ static int64_t blocks16(const float *restrict x, const int32_t *idx, const float
 #endif
 
 /* y = x[perm] @ blockdiag(t) (perm NULL: x @ blockdiag(t)). */
-static void transform(const float *restrict x, const int32_t *perm, float *restrict y,
+static void transform(const float *restrict x, const int64_t *perm, float *restrict y,
                       const blocks_t *t) {
     const int64_t b = t->b, stride = t->scales ? 0 : b * b;
     int64_t k = 0;

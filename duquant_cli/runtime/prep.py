@@ -208,8 +208,8 @@ class Prep:
         floats = [t for t in (*in1, *in2) if t is not None]
         if not _cpu_floats(*floats) or (perm is not None and perm.device.type != "cpu"):
             return None
-        if perm is not None:
-            perm = perm.to(torch.int32)  # 16 indices to a vector gather
+        if perm is not None and (perm.dtype != torch.int64 or not perm.is_contiguous()):
+            return None
         qmax = (1 << (a_bits - 1)) - 1
         codes = out_dtype == torch.uint8
         if codes and a_bits > 8:
@@ -297,9 +297,9 @@ def _agrees(lib: ctypes.CDLL) -> bool:
     shared, distinct = (had / 4).expand(nb, 16, 16), (had / 4) * signs
     scales = (2.0 ** torch.randint(-2, 3, (nb, 16), generator=gen)).float()
     tail = torch.eye(4) / 2
-    perm = torch.randperm(n, generator=gen, dtype=torch.int32)
+    perm = torch.randperm(n, generator=gen)
     h = _blockdiag(x * torch.cat([scales.view(-1), torch.ones(4)]), shared, tail)
-    h = _blockdiag(h[:, perm.long()], distinct, tail)
+    h = _blockdiag(h[:, perm], distinct, tail)
     scale = torch.maximum(h.amax(1, keepdim=True), -h.amin(1, keepdim=True)).mul_(1 / 127)
     want = torch.div(h, scale).round_().add_(128).to(torch.uint8)
     shared = shared.contiguous()
@@ -326,3 +326,69 @@ def _agrees(lib: ctypes.CDLL) -> bool:
     got = torch.empty(rows, n, dtype=torch.bfloat16)
     fin.y, fin.out, fin.scale, fin.rows = _ptr(x), _ptr(got), _ptr(tok), rows
     return lib.duquant_finish(ctypes.byref(fin)) == 0 and torch.equal(got, want)
+
+
+@torch._dynamo.assume_constant_result
+def available() -> bool:
+    """Whether the library runs here: a constant to torch.compile, which does not trace its
+    loading."""
+    return library() is not None
+
+
+@torch.library.custom_op("duquant::prep", mutates_args=())
+def prep_op(
+    x: torch.Tensor,
+    perm: torch.Tensor | None,
+    in1: torch.Tensor | None,
+    in1_tail: torch.Tensor | None,
+    in1_scales: torch.Tensor | None,
+    in2: torch.Tensor | None,
+    in2_tail: torch.Tensor | None,
+    in2_scales: torch.Tensor | None,
+    a_bits: int,
+    clip: float,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`Prep` as one opaque op, for torch.compile: the layer's tensors are its arguments, so a
+    compiled graph always reads the layer's current buffers. The scale is empty for dense."""
+    fused = Prep.of(
+        x.shape[1],
+        perm,
+        (in1, in1_tail, in1_scales),
+        (in2, in2_tail, in2_scales),
+        a_bits,
+        clip,
+        dtype,
+    )
+    if fused is None:
+        raise RuntimeError("duquant::prep: the fused activation path cannot run these tensors")
+    h, scale = fused(x)
+    return h, x.new_empty(0, dtype=torch.float32) if scale is None else scale
+
+
+@prep_op.register_fake
+def _(x, perm, in1, in1_tail, in1_scales, in2, in2_tail, in2_scales, a_bits, clip, dtype):
+    rows = (x.shape[0], 1) if dtype == torch.uint8 else (0,)
+    return x.new_empty(x.shape, dtype=dtype), x.new_empty(rows, dtype=torch.float32)
+
+
+@torch.library.custom_op("duquant::finish", mutates_args=())
+def finish_op(
+    y: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    restore: torch.Tensor | None,
+    restore_tail: torch.Tensor | None,
+    restore_scales: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """`Finish` as one opaque op, for torch.compile."""
+    fused = Finish.of(y.shape[1], bias, (restore, restore_tail, restore_scales))
+    if fused is None:
+        raise RuntimeError("duquant::finish: the fused int8 tail cannot run these tensors")
+    return fused(y.contiguous(), scale, dtype)
+
+
+@finish_op.register_fake
+def _(y, scale, bias, restore, restore_tail, restore_scales, dtype):
+    return y.new_empty(y.shape, dtype=dtype)

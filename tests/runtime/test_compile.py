@@ -103,9 +103,10 @@ def test_compiled_form_computes_the_eager_forward(
         assert rel_err(rows.float(), eager.float()) < tol, name
 
 
-def test_compiled_graph_has_no_batched_matmul(tmp_path: Path) -> None:
-    """Under torch.compile the dense layer traces its fusable form: the block transforms and
-    the restore as products summed per block (no bmm), the matmul the only matrix product."""
+def test_compiled_graph_has_no_batched_matmul(tmp_path: Path, torch_prep) -> None:
+    """Under torch.compile, without the fused C code, the dense layer traces its fusable form:
+    the block transforms and the restore as products summed per block (no bmm), the matmul the
+    only matrix product."""
     torch._dynamo.reset()
     base = TinyNet(dims=(32, 64, 16))
     model = clone_model(base, dims=(32, 64, 16))

@@ -189,3 +189,29 @@ def test_a_library_that_disagrees_is_refused(tmp_path: Path, monkeypatch, caplog
     monkeypatch.setattr(prep, "_agrees", lambda lib: False)
     assert prep.library.__wrapped__() is None
     assert "disagrees" in caplog.text
+
+
+@pytest.mark.parametrize(("kind", "backend"), [("calibrated", "dense"), ("svd", "int8")])
+def test_compiled_layers_call_the_fused_code(tmp_path: Path, kind: str, backend: str) -> None:
+    """Under torch.compile (fullgraph, any token count) the layers call the same C code as
+    opaque ops, reading the layers' own buffers: the compiled model gives eager's bits, and
+    after a buffer changes it follows the change."""
+    torch._dynamo.reset()
+    model = _model(tmp_path, kind, backend, torch.bfloat16)
+    graphs = []
+
+    def capture(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(model, backend=capture, fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        for tokens in (3, 40):
+            x = torch.randn(tokens, DIMS[0], generator=torch.Generator().manual_seed(tokens))
+            assert torch.equal(compiled(x.bfloat16()), model(x.bfloat16()))
+        targets = {str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"}
+        assert "duquant.prep.default" in targets
+        assert ("duquant.finish.default" in targets) == (backend == "int8")
+        model.proj.in2.mul_(-1)  # in place: the same tensor, new values
+        x = torch.randn(3, DIMS[0]).bfloat16()
+        assert torch.equal(compiled(x), model(x))
