@@ -97,7 +97,7 @@ def _print(result: dict) -> None:
             (_shape(r), f"{r['seconds']:.2f}", f"{r['mb_per_s']:.0f}") for r in result["layer_pack"]
         )
         out.print(_table("pack time per layer", ("shape", "seconds", "MB/s (fp32 source)"), rows))
-        backends = ("dense", "int8", "int4", "dense_torch")
+        backends = ("dense", "int8", "int4", "dense_torch", "dense_ops", "int8_ops")
         rows = (
             (
                 _shape(r),

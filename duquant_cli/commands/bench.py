@@ -224,8 +224,10 @@ def _backend_layers(
     packs: dict[str, Pack], bits: str, name: str, dtype
 ) -> dict[str, DuQuantLinear]:
     """Every backend this layer runs on: dense and int8 from the `bits` pack, int4 from w4a16;
-    and `dense_torch`, dense on torch's own kernel where its default is oneDNN's prepacked one
-    (what the prepacking buys, measured in the same run)."""
+    `dense_torch`, dense on torch's own kernel where its default is oneDNN's prepacked one
+    (what the prepacking buys, measured in the same run); and `dense_ops`, `int8_ops`, those
+    layers with their activation path as torch ops where it runs fused in C (what the fusion
+    buys)."""
     out = {}
     runs = [(Backend.DENSE, bits), (Backend.INT8, bits)]
     if dtype in (torch.bfloat16, torch.float16):  # auto takes int4 only there (slow on float32)
@@ -241,6 +243,10 @@ def _backend_layers(
     if dense.kernel is not KERNELS[Backend.DENSE]:
         out["dense_torch"] = copy.deepcopy(dense)
         out["dense_torch"].use_kernel(KERNELS[Backend.DENSE])
+    for label in (Backend.DENSE.value, Backend.INT8.value):
+        if label in out and out[label].fused:
+            out[label + "_ops"] = copy.deepcopy(out[label])
+            out[label + "_ops"].use_fused = False
     return out
 
 
@@ -283,6 +289,8 @@ def bench(
                 lin.weight.data.copy_(weights[name])
                 layers = _backend_layers(packs, bits, name, dtype)
                 for label, layer in layers.items():
+                    if label.endswith("_ops"):  # the same buffers as the fused layer
+                        continue
                     res.memory.append(
                         {
                             "shape": [o, n],

@@ -369,6 +369,7 @@ class DuQuantLinear(nn.Module):
         self.act_percentile: float | None = None
         self.observer: object | None = None
         self.inputs_shared = False  # every input block transform (if any) one matrix up to scales
+        self.use_fused = True  # False: the activation path as torch ops even where C runs it
         for f in ("perm", *_BLOCK_FIELDS, "weight", "bias", "act_scale"):
             self.register_buffer(f, None)
         for f in _ROW_SCALE_FIELDS:
@@ -596,7 +597,9 @@ class DuQuantLinear(nn.Module):
         on oneDNN, the activations scaled back in the weight's dtype for dense; None where it
         does not apply (static, asymmetric or no activation quantization, calibration, float16,
         torch's own integer kernels)."""
-        if self.act_mode != ACT_DYNAMIC or self.act_asym or self.observer is not None:
+        if not self.use_fused or self.act_mode != ACT_DYNAMIC or self.act_asym:
+            return None
+        if self.observer is not None:
             return None
         if self.backend is Backend.INT8 and self.kernel.rows:
             return torch.uint8
@@ -619,9 +622,13 @@ class DuQuantLinear(nn.Module):
             dtype,
         )
 
+    def _finishes(self) -> bool:
+        """Whether this layer's int8 tail may run fused: int8 on oneDNN, `use_fused`."""
+        return self.use_fused and self.backend is Backend.INT8 and self.kernel.rows
+
     def _finish(self) -> Finish | None:
         """The fused tail of this layer's eager row-major int8 forward."""
-        if self.backend is not Backend.INT8 or not self.kernel.rows:
+        if not self._finishes():
             return None
         return Finish.of(
             self.out_features, self.bias, (self.out, self.out_tail, self.out_row_scales)
@@ -630,7 +637,8 @@ class DuQuantLinear(nn.Module):
     @property
     def fused(self) -> bool:
         """Whether the eager row-major forward (every oneDNN layer's) runs its activation path
-        fused, in `runtime.prep`'s C code, rather than as torch ops."""
+        fused, in `runtime.prep`'s C code, rather than as torch ops (set `use_fused = False`
+        to have torch ops run it anyway)."""
         return self._row_plan(False).prep is not None
 
     def __setattr__(self, name: str, value: object) -> None:
@@ -685,7 +693,7 @@ class DuQuantLinear(nn.Module):
         tail = x.dtype in OUT_DTYPES and not y.requires_grad and scale is not None
         if p.finish is not None and tail:
             return p.finish(y, scale, x.dtype)
-        if compiling and tail and self.kernel.rows and available():
+        if compiling and tail and self._finishes() and available():
             return finish_op(
                 y, scale, p.bias, self.out, self.out_tail, self.out_row_scales, x.dtype
             )

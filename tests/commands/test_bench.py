@@ -16,6 +16,7 @@ from duquant_cli.commands.bench import (
     bench_pack,
 )
 from duquant_cli.runtime.backends import Backend, kernel_for
+from duquant_cli.runtime.prep import library
 from tests.commands.kinds import run
 
 
@@ -28,6 +29,9 @@ def test_forward_rows_cover_every_backend_and_memory_counts_buffers() -> None:
         # dense on torch's kernel beside it, where dense defaults to oneDNN's (float32, bf16)
         if kernel_for(Backend.DENSE, torch.device("cpu"), torch.float32).name == "onednn":
             want.add("dense_torch")
+        # and the fused layers with their activation path as torch ops, where C runs it
+        if library() is not None:
+            want |= {"dense_ops", "int8_ops"}
         assert {k.removesuffix("_ratio") for k in r if k.endswith("_ratio")} == want
         assert all(r[f"{b}_us"] > 0 for b in want) and r["linear_us"] > 0
     mem = {(r["backend"], r["dtype"]): r for r in res.memory}

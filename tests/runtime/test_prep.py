@@ -130,12 +130,14 @@ def test_where_the_fused_path_does_not_run(tmp_path: Path, torch_prep) -> None:
 
 
 @pytest.mark.parametrize(
-    "why", ["float16", "asymmetric", "static", "autograd", "observer", "w4a16", "torch kernel"]
+    "why",
+    ["float16", "asymmetric", "static", "autograd", "observer", "w4a16", "torch kernel", "off"],
 )
 def test_layers_the_fused_path_leaves_to_torch_ops(tmp_path: Path, why: str) -> None:
     """What the C code does not do runs torch's ops: float16 (it reads and writes float32 and
     bfloat16), asymmetric or static activations, unquantized activations, an input that needs
-    a gradient, calibration, int8 on torch's own (channels-major) kernel."""
+    a gradient, calibration, int8 on torch's own (channels-major) kernel; and a layer told not
+    to (`use_fused = False`)."""
     cfg = {"act_scheme": Scheme.ASYM} if why == "asymmetric" else {}
     if why == "w4a16":
         cfg["precision"] = Precision.parse("w4a16")
@@ -154,6 +156,9 @@ def test_layers_the_fused_path_leaves_to_torch_ops(tmp_path: Path, why: str) -> 
         model = _model(tmp_path, "hadamard", "int8")
         layer = model.get_submodule(LINEARS[0])
         layer.use_kernel(KERNELS[Backend.INT8])
+    if why == "off":
+        assert layer.fused
+        layer.use_fused = False
     if why == "autograd":
         assert layer.fused
         xg = x.clone().requires_grad_(True)
