@@ -668,7 +668,7 @@ class DuQuantLinear(nn.Module):
         if p.prep is not None and plain:
             h, scale = p.prep(x)
         elif compiling and plain and (dtype := self._prep_dtype()) is not None and available():
-            # The same C code as one opaque op: faster than what inductor makes of the ops.
+            # The same C code as one opaque op: the compiled layer gives eager's bits.
             h, scale = prep_op(
                 x,
                 self.perm,

@@ -269,32 +269,26 @@ static void finish_row(const finish_t *f, int64_t i, float *a, float *c) {
     store(a, n, f->out_kind, (char *)f->out + i * n * (f->out_kind == OUT_FLOAT32 ? 4 : 2));
 }
 
-int duquant_finish(const finish_t *f) {
+/* Runs `fn` on every row, each thread with its own two row buffers of n floats. Threads only
+   where there is work for them: a parallel region costs a few microseconds. 0 on success, 1
+   where a buffer could not be allocated. */
+static int each_row(void (*fn)(const void *, int64_t, float *, float *), const void *args,
+                    int64_t rows, int64_t n) {
     int failed = 0;
-#pragma omp parallel if (f->rows > 1 && f->rows * f->n >= 16384) reduction(| : failed)
+#pragma omp parallel if (rows > 1 && rows * n >= 16384) reduction(| : failed)
     {
-        float *buf = malloc(2 * f->n * sizeof(float));
+        float *buf = malloc(2 * n * sizeof(float));
         if (!buf) failed = 1;
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < f->rows; i++)
-            if (buf) finish_row(f, i, buf, buf + f->n);
+        for (int64_t i = 0; i < rows; i++)
+            if (buf) fn(args, i, buf, buf + n);
         free(buf);
     }
     return failed;
 }
 
-/* 0 on success, 1 where a row buffer could not be allocated. */
-int duquant_prep(const prep_t *p) {
-    int failed = 0;
-    /* Threads only where there is work for them: a parallel region costs a few microseconds. */
-#pragma omp parallel if (p->rows > 1 && p->rows * p->n >= 16384) reduction(| : failed)
-    {
-        float *buf = malloc(2 * p->n * sizeof(float));
-        if (!buf) failed = 1;
-#pragma omp for schedule(static)
-        for (int64_t i = 0; i < p->rows; i++)
-            if (buf) row(p, i, buf, buf + p->n);
-        free(buf);
-    }
-    return failed;
-}
+static void prep_row(const void *p, int64_t i, float *a, float *c) { row(p, i, a, c); }
+static void finish_one(const void *f, int64_t i, float *a, float *c) { finish_row(f, i, a, c); }
+
+int duquant_prep(const prep_t *p) { return each_row(prep_row, p, p->rows, p->n); }
+int duquant_finish(const finish_t *f) { return each_row(finish_one, f, f->rows, f->n); }
