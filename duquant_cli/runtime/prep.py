@@ -1,10 +1,12 @@
 """The fused CPU activation path: `prep.c`, built at first use with the system's C compiler.
 
-Before its matmul, `DuQuantLinear.forward_rows` transforms and quantizes its input. As torch ops
-that is about ten passes over the activations, and on CPU they cost as much as a quarter of
-nn.Linear's time at 64 tokens and more than half of it at 256 tokens with 16384 inputs, where
-the activations no longer fit in cache. `prep.c` does the same work one token row at a time,
-with the row in cache from load to store.
+Before its matmul, `DuQuantLinear.forward_rows` transforms and quantizes its input, and after
+an int8 matmul it applies the token scale, the bias and the row restore. As torch ops that is
+about ten passes over the activations before and four after, and on CPU they cost as much as
+a quarter of nn.Linear's time at 64 tokens and more than half of it at 256 tokens with 16384
+inputs, where the activations no longer fit in cache. `prep.c` does the same work one token
+row at a time, with the row in cache from load to store (`Prep`, `Finish`; as custom ops for
+torch.compile).
 
 The C compiler is the one torch.compile needs on CPU too; no Python package is added. Where
 there is none, or the build fails, or the built library fails its check, the layers run torch's
@@ -99,10 +101,11 @@ def _cpu_flags() -> str:
 def _build(cc: str, out: Path, flags: tuple[str, ...]) -> bool:
     """Compile into a temporary file beside `out`, then move it in place: a concurrent build
     or load never sees half a library."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
+    tmp = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        os.close(fd)
         run = subprocess.run(
             [cc, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=120
         )
@@ -111,17 +114,19 @@ def _build(cc: str, out: Path, flags: tuple[str, ...]) -> bool:
             return False
         os.replace(tmp, out)
         return True
-    except (OSError, subprocess.SubprocessError) as e:
+    except (OSError, subprocess.SubprocessError) as e:  # an unwritable cache, a hung compiler
         log.info("prep.c did not build: %s", e)
         return False
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The built library, or None (the layers then run torch's ops): built once per machine
     into `cache_dir()`, loaded once per process, and checked against torch's ops first."""
+    # Linux, and torch's threads OpenMP's (which the C code shares)
     if platform.system() != "Linux" or not torch.backends.openmp.is_available():
         return None
     cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")

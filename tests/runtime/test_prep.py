@@ -220,3 +220,10 @@ def test_compiled_layers_call_the_fused_code(tmp_path: Path, kind: str, backend:
         model.proj.in2.mul_(-1)  # in place: the same tensor, new values
         x = torch.randn(3, DIMS[0]).bfloat16()
         assert torch.equal(compiled(x), model(x))
+
+
+def test_an_unwritable_cache_falls_back(tmp_path: Path, monkeypatch) -> None:
+    """A cache folder that cannot be made (a file in its way): torch ops, not an error."""
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(prep, "cache_dir", lambda: tmp_path / "file" / "kernels")
+    assert prep.library.__wrapped__() is None
