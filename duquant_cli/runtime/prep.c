@@ -64,11 +64,6 @@ static void block(const float *restrict x, const int64_t *idx, const float *rest
 }
 
 #ifdef __AVX512F__
-/* 16-wide blocks, `G` at a time, each block's sums in one register: G independent chains of
-   multiply-adds hide their latency. `rstride`: 0 where every block is R_0 up to row scales,
-   256 for a stack of distinct blocks. Returns the blocks done. */
-#define G 8
-
 /* x[idx[0..16)]: two gathers of 8 (the indices are int64, as torch keeps them). */
 static inline __m512 gather16(const float *x, const int64_t *idx) {
     const __m256 lo = _mm512_i64gather_ps(_mm512_loadu_si512(idx), x, 4);
@@ -76,33 +71,38 @@ static inline __m512 gather16(const float *x, const int64_t *idx) {
     return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(lo)),
                                                _mm256_castps_pd(hi), 1));
 }
+
+/* 16-wide blocks, GROUP at a time, each block's sums in one register: GROUP independent chains
+   of multiply-adds hide their latency. `rstride`: 0 where every block is R_0 up to row scales,
+   256 for a stack of distinct blocks. Returns the blocks done. */
+#define GROUP 8
 static int64_t blocks16(const float *restrict x, const int64_t *idx, const float *restrict s,
                         const float *restrict r, int64_t rstride, float *restrict y, int64_t nb) {
-    float xs[16 * G];
+    float xs[16 * GROUP];
     int64_t k = 0;
-    for (; k + G <= nb; k += G) {
-        for (int u = 0; u < G; u++) {
+    for (; k + GROUP <= nb; k += GROUP) {
+        for (int u = 0; u < GROUP; u++) {
             const int64_t c = (k + u) * 16;
             __m512 v = idx ? gather16(x, idx + c) : _mm512_loadu_ps(x + c);
             if (s) v = _mm512_mul_ps(v, _mm512_loadu_ps(s + c));
             _mm512_storeu_ps(xs + 16 * u, v);
         }
-        __m512 acc[G];
-        for (int u = 0; u < G; u++) acc[u] = _mm512_setzero_ps();
+        __m512 acc[GROUP];
+        for (int u = 0; u < GROUP; u++) acc[u] = _mm512_setzero_ps();
         const float *rk = r + k * rstride;
         if (rstride == 0) {
             for (int i = 0; i < 16; i++) {
                 const __m512 ri = _mm512_loadu_ps(r + 16 * i);
-                for (int u = 0; u < G; u++)
+                for (int u = 0; u < GROUP; u++)
                     acc[u] = _mm512_fmadd_ps(_mm512_set1_ps(xs[16 * u + i]), ri, acc[u]);
             }
         } else {
             for (int i = 0; i < 16; i++)
-                for (int u = 0; u < G; u++)
+                for (int u = 0; u < GROUP; u++)
                     acc[u] = _mm512_fmadd_ps(_mm512_set1_ps(xs[16 * u + i]),
                                              _mm512_loadu_ps(rk + u * rstride + 16 * i), acc[u]);
         }
-        for (int u = 0; u < G; u++) _mm512_storeu_ps(y + (k + u) * 16, acc[u]);
+        for (int u = 0; u < GROUP; u++) _mm512_storeu_ps(y + (k + u) * 16, acc[u]);
     }
     return k;
 }
