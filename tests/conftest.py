@@ -34,3 +34,4 @@ def torch_prep(monkeypatch: pytest.MonkeyPatch) -> None:
     """Layers built or changed under it run their activation path as torch ops, not fused in
     C (`runtime.prep`): for the tests of those ops."""
     monkeypatch.setattr("duquant_cli.runtime.prep.library", lambda: None)
+    monkeypatch.setattr("duquant_cli.runtime.prep.AVAILABLE", False)

@@ -26,6 +26,7 @@ from duquant_cli.formats.pack import LayerEntry
 from duquant_cli.math.bitpack import packed_cols
 from duquant_cli.math.blocks import apply_blocks, block_row_scales
 from duquant_cli.math.permutation import is_permutation
+from duquant_cli.runtime import prep
 from duquant_cli.runtime.backends import (
     KERNELS,
     Backend,
@@ -38,15 +39,7 @@ from duquant_cli.runtime.backends import (
     rows_eagerly,
     rows_weight_first,
 )
-from duquant_cli.runtime.prep import (
-    IN_DTYPES,
-    OUT_DTYPES,
-    Finish,
-    Prep,
-    available,
-    finish_op,
-    prep_op,
-)
+from duquant_cli.runtime.prep import IN_DTYPES, OUT_DTYPES, Finish, Prep, finish_op, prep_op
 
 _BLOCK_FIELDS = ("in1", "in1_tail", "in2", "in2_tail", "out", "out_tail")
 # Derived at load, not saved: the row scales of block stacks that are one matrix up to them.
@@ -667,7 +660,7 @@ class DuQuantLinear(nn.Module):
         plain = x.dtype in IN_DTYPES and not x.requires_grad and x.device.type == "cpu"
         if p.prep is not None and plain:
             h, scale = p.prep(x)
-        elif compiling and plain and (dtype := self._prep_dtype()) is not None and available():
+        elif compiling and plain and (dtype := self._prep_dtype()) is not None and prep.AVAILABLE:
             # The same C code as one opaque op: the compiled layer gives eager's bits.
             h, scale = prep_op(
                 x,
@@ -693,7 +686,7 @@ class DuQuantLinear(nn.Module):
         tail = x.dtype in OUT_DTYPES and not y.requires_grad and scale is not None
         if p.finish is not None and tail:
             return p.finish(y, scale, x.dtype)
-        if compiling and tail and self._finishes() and available():
+        if compiling and tail and self._finishes() and prep.AVAILABLE:
             return finish_op(
                 y, scale, p.bias, self.out, self.out_tail, self.out_row_scales, x.dtype
             )

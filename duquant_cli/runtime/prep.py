@@ -39,6 +39,10 @@ FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC", "-fop
 IN_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 OUT_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _OUT_CODES = 2
+# Whether `library()` found a working library in this process (False until a layer is built):
+# what compiled code reads, since torch.compile does not trace the loading. A plain module
+# global, rather than torch._dynamo's constant-result marker, whose import costs a second.
+AVAILABLE = False
 
 
 class _Blocks(ctypes.Structure):
@@ -154,6 +158,8 @@ def library() -> ctypes.CDLL | None:
     if not _agrees(lib):
         log.warning("prep library disagrees with torch's ops: not used")
         return None
+    global AVAILABLE
+    AVAILABLE = True
     return lib
 
 
@@ -331,13 +337,6 @@ def _agrees(lib: ctypes.CDLL) -> bool:
     got = torch.empty(rows, n, dtype=torch.bfloat16)
     fin.y, fin.out, fin.scale, fin.rows = _ptr(x), _ptr(got), _ptr(tok), rows
     return lib.duquant_finish(ctypes.byref(fin)) == 0 and torch.equal(got, want)
-
-
-@torch._dynamo.assume_constant_result
-def available() -> bool:
-    """Whether the library runs here: a constant to torch.compile, which does not trace its
-    loading."""
-    return library() is not None
 
 
 @torch.library.custom_op("duquant::prep", mutates_args=())

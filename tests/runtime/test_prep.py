@@ -6,6 +6,8 @@ library that is built once, atomically, and refused when it does not agree."""
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -227,3 +229,15 @@ def test_an_unwritable_cache_falls_back(tmp_path: Path, monkeypatch) -> None:
     (tmp_path / "file").write_text("")
     monkeypatch.setattr(prep, "cache_dir", lambda: tmp_path / "file" / "kernels")
     assert prep.library.__wrapped__() is None
+
+
+def test_loading_and_serving_do_not_import_the_compiler() -> None:
+    """Importing the runtime and loading the fused library leave torch._dynamo unimported: its
+    import costs about a second, and only torch.compile needs it."""
+    code = (
+        "import sys, torch; from duquant_cli.runtime import loader, prep; "
+        "assert prep.library() is not None; "
+        "print('torch._dynamo' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
