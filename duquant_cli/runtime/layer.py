@@ -39,7 +39,7 @@ from duquant_cli.runtime.backends import (
     rows_eagerly,
     rows_weight_first,
 )
-from duquant_cli.runtime.prep import IN_DTYPES, OUT_DTYPES, Finish, Prep, finish_op, prep_op
+from duquant_cli.runtime.prep import DTYPES, Finish, Prep, finish_op, prep_op
 
 _BLOCK_FIELDS = ("in1", "in1_tail", "in2", "in2_tail", "out", "out_tail")
 # Derived at load, not saved: the row scales of block stacks that are one matrix up to them.
@@ -590,42 +590,46 @@ class DuQuantLinear(nn.Module):
         on oneDNN, the activations scaled back in the weight's dtype for dense; None where it
         does not apply (static, asymmetric or no activation quantization, calibration, float16,
         torch's own integer kernels)."""
-        if not self.use_fused or self.act_mode != ACT_DYNAMIC or self.act_asym:
+        if not self.use_fused or self.act_asym or self.observer is not None:
             return None
-        if self.observer is not None:
+        if self.act_mode != ACT_DYNAMIC:
             return None
         if self.backend is Backend.INT8 and self.kernel.rows:
             return torch.uint8
-        if self.backend is Backend.DENSE and self.weight.dtype in OUT_DTYPES:
+        if self.backend is Backend.DENSE and self.weight.dtype in DTYPES:
             return self.weight.dtype
         return None
+
+    def _prep_args(self) -> tuple:
+        """What the fused activation path reads, for `Prep.of` eagerly and `prep_op` compiled."""
+        return (
+            self.perm,
+            self.in1,
+            self.in1_tail,
+            self.in1_row_scales,
+            self.in2,
+            self.in2_tail,
+            self.in2_row_scales,
+            self.a_bits,
+            self.act_clip,
+        )
 
     def _prep(self) -> Prep | None:
         """The fused activation path of this layer's eager row-major forward."""
         dtype = self._prep_dtype()
-        if dtype is None:
-            return None
-        return Prep.of(
-            self.in_features,
-            self.perm,
-            (self.in1, self.in1_tail, self.in1_row_scales),
-            (self.in2, self.in2_tail, self.in2_row_scales),
-            self.a_bits,
-            self.act_clip,
-            dtype,
-        )
+        return None if dtype is None else Prep.of(self.in_features, *self._prep_args(), dtype)
 
     def _finishes(self) -> bool:
         """Whether this layer's int8 tail may run fused: int8 on oneDNN, `use_fused`."""
         return self.use_fused and self.backend is Backend.INT8 and self.kernel.rows
 
+    def _finish_args(self) -> tuple:
+        """What the fused int8 tail reads, for `Finish.of` eagerly and `finish_op` compiled."""
+        return (self.bias, self.out, self.out_tail, self.out_row_scales)
+
     def _finish(self) -> Finish | None:
         """The fused tail of this layer's eager row-major int8 forward."""
-        if not self._finishes():
-            return None
-        return Finish.of(
-            self.out_features, self.bias, (self.out, self.out_tail, self.out_row_scales)
-        )
+        return Finish.of(self.out_features, *self._finish_args()) if self._finishes() else None
 
     @property
     def fused(self) -> bool:
@@ -657,24 +661,12 @@ class DuQuantLinear(nn.Module):
         mm each (`_RowBlocks`)."""
         compiling = torch.compiler.is_compiling()
         p = self._row_plan(compiling)
-        plain = x.dtype in IN_DTYPES and not x.requires_grad and x.device.type == "cpu"
+        plain = x.dtype in DTYPES and not x.requires_grad and x.device.type == "cpu"
         if p.prep is not None and plain:
             h, scale = p.prep(x)
         elif compiling and plain and (dtype := self._prep_dtype()) is not None and prep.AVAILABLE:
             # The same C code as one opaque op: the compiled layer gives eager's bits.
-            h, scale = prep_op(
-                x,
-                self.perm,
-                self.in1,
-                self.in1_tail,
-                self.in1_row_scales,
-                self.in2,
-                self.in2_tail,
-                self.in2_row_scales,
-                self.a_bits,
-                self.act_clip,
-                dtype,
-            )
+            h, scale = prep_op(x, *self._prep_args(), dtype)
             scale = scale if dtype == torch.uint8 else None
         else:
             h, scale = self._quantize_rows(x, p, compiling)
@@ -683,13 +675,11 @@ class DuQuantLinear(nn.Module):
         # int8 on oneDNN: float32 with the weight scale applied. In place where autograd does
         # not need y (it is this forward's own).
         y = p.kernel.linear_rows(self, h)
-        tail = x.dtype in OUT_DTYPES and not y.requires_grad and scale is not None
+        tail = x.dtype in DTYPES and not y.requires_grad and scale is not None
         if p.finish is not None and tail:
             return p.finish(y, scale, x.dtype)
         if compiling and tail and self._finishes() and prep.AVAILABLE:
-            return finish_op(
-                y, scale, p.bias, self.out, self.out_tail, self.out_row_scales, x.dtype
-            )
+            return finish_op(y, scale, *self._finish_args(), x.dtype)
         if scale is not None:
             y = torch.mul(y, scale) if y.requires_grad else y.mul_(scale)
         if p.bias is not None:

@@ -64,6 +64,17 @@ static void block(const float *restrict x, const int64_t *idx, const float *rest
 }
 
 #ifdef __AVX512F__
+/* 16 floats to bfloat16, as `float_to_bf16`. */
+static inline __m256i bf16x16(__m512 f) {
+    const __m512i u = _mm512_castps_si512(f);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd);
+    const __m512i bits = _mm512_mask_mov_epi32(_mm512_srli_epi32(r, 16),
+                                               _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q),
+                                               _mm512_set1_epi32(0x7FC0));
+    return _mm512_cvtepi32_epi16(bits);
+}
+
 /* x[idx[0..16)]: two gathers of 8 (the indices are int64, as torch keeps them). */
 static inline __m512 gather16(const float *x, const int64_t *idx) {
     const __m256 lo = _mm512_i64gather_ps(_mm512_loadu_si512(idx), x, 4);
@@ -161,15 +172,8 @@ static void quantize(const prep_t *p, const float *restrict h, float scale, int6
             const __m512i c = _mm512_cvttps_epi32(_mm512_add_ps(q, shift));
             _mm_storeu_si128((__m128i *)((uint8_t *)p->out + i * n + j), _mm512_cvtepi32_epi8(c));
         } else if (p->out_kind == OUT_BFLOAT16) {
-            const __m512 f = _mm512_mul_ps(q, vs);
-            const __m512i u = _mm512_castps_si512(f);
-            const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-            __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd);
-            r = _mm512_mask_mov_epi32(_mm512_srli_epi32(r, 16),
-                                      _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q),
-                                      _mm512_set1_epi32(0x7FC0));
             _mm256_storeu_si256((__m256i *)((uint16_t *)p->out + i * n + j),
-                                _mm512_cvtepi32_epi16(r));
+                                bf16x16(_mm512_mul_ps(q, vs)));
         } else {
             _mm512_storeu_ps((float *)p->out + i * n + j, _mm512_mul_ps(q, vs));
         }
@@ -234,13 +238,7 @@ static void store(const float *restrict h, int64_t n, int32_t kind, void *dst) {
     int64_t j = 0;
 #ifdef __AVX512F__
     for (; j + 16 <= n; j += 16) {
-        const __m512 f = _mm512_loadu_ps(h + j);
-        const __m512i u = _mm512_castps_si512(f);
-        const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-        __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd);
-        r = _mm512_mask_mov_epi32(_mm512_srli_epi32(r, 16), _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q),
-                                  _mm512_set1_epi32(0x7FC0));
-        _mm256_storeu_si256((__m256i *)(out + j), _mm512_cvtepi32_epi16(r));
+        _mm256_storeu_si256((__m256i *)(out + j), bf16x16(_mm512_loadu_ps(h + j)));
     }
 #endif
     for (; j < n; j++) out[j] = float_to_bf16(h[j]);

@@ -29,15 +29,16 @@ from pathlib import Path
 
 import torch
 
+from duquant_cli.math.blocks import apply_blocks
+
 log = logging.getLogger("duquant")
 
 SOURCE = Path(__file__).with_name("prep.c")
 # Native code for this CPU (AVX-512 where it has it); OpenMP shares torch's runtime (the same
 # libgomp.so.1 soname, already loaded), so the rows split over torch's threads.
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC", "-fopenmp")
-# Input dtypes the C code reads, and the dense output dtypes it writes.
-IN_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-OUT_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+# The float dtypes the C code reads and writes, as its IN_* / OUT_* codes; OUT_CODES: uint8.
+DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _OUT_CODES = 2
 # Whether `library()` found a working library in this process (False until a layer is built):
 # what compiled code reads, since torch.compile does not trace the loading. A plain module
@@ -137,10 +138,9 @@ def library() -> ctypes.CDLL | None:
     if cc is None:
         log.info("no C compiler: DuQuant layers run torch's ops for their activations")
         return None
+    source, cpu = SOURCE.read_text(), _cpu_flags()
     for flags in (FLAGS, FLAGS[:-1]):  # without OpenMP where the compiler has none
-        key = hashlib.sha256(
-            "\n".join((SOURCE.read_text(), cc, *flags, _cpu_flags())).encode()
-        ).hexdigest()[:16]
+        key = hashlib.sha256("\n".join((source, cc, *flags, cpu)).encode()).hexdigest()[:16]
         path = cache_dir() / f"prep-{key}.so"
         if path.exists() or _build(cc, path, flags):
             break
@@ -204,19 +204,24 @@ class Prep:
         cls,
         n: int,
         perm: torch.Tensor | None,
-        in1: tuple[torch.Tensor | None, ...],
-        in2: tuple[torch.Tensor | None, ...],
+        in1: torch.Tensor | None,
+        in1_tail: torch.Tensor | None,
+        in1_scales: torch.Tensor | None,
+        in2: torch.Tensor | None,
+        in2_tail: torch.Tensor | None,
+        in2_scales: torch.Tensor | None,
         a_bits: int,
         clip: float,
         out_dtype: torch.dtype,
     ) -> Prep | None:
-        """in1, in2: (blocks, tail, row scales or None). `out_dtype` uint8 for codes. None
-        where the library is missing or a tensor is not as the C code reads it (contiguous
-        float32 on the CPU)."""
+        """The arguments of `prep_op`: each transform's blocks, tail and row scales (or None).
+        `out_dtype` uint8 for codes. None where the library is missing or a tensor is not as
+        the C code reads it (contiguous float32 on the CPU; perm int64)."""
         lib = library()
-        if lib is None or (out_dtype not in OUT_DTYPES and out_dtype != torch.uint8):
+        if lib is None or (out_dtype not in DTYPES and out_dtype != torch.uint8):
             return None
-        floats = [t for t in (*in1, *in2) if t is not None]
+        in1_args, in2_args = (in1, in1_tail, in1_scales), (in2, in2_tail, in2_scales)
+        floats = [t for t in (*in1_args, *in2_args) if t is not None]
         if not _cpu_floats(*floats) or (perm is not None and perm.device.type != "cpu"):
             return None
         if perm is not None and (perm.dtype != torch.int64 or not perm.is_contiguous()):
@@ -227,10 +232,10 @@ class Prep:
             return None
         args = _Prep(
             perm=_ptr(perm),
-            in1=_blocks(*in1),
-            in2=_blocks(*in2),
+            in1=_blocks(*in1_args),
+            in2=_blocks(*in2_args),
             n=n,
-            out_kind=_OUT_CODES if codes else OUT_DTYPES[out_dtype],
+            out_kind=_OUT_CODES if codes else DTYPES[out_dtype],
             clip_over_qmax=clip / qmax,
             qmax=qmax,
             clamp=int(clip < 1.0),
@@ -245,7 +250,7 @@ class Prep:
         out = torch.empty(t, self.args.n, dtype=self.out_dtype)
         scale = torch.empty(t, 1) if self.out_dtype == torch.uint8 else None
         a = _Prep.from_buffer_copy(self.args)  # a copy per call: layers may run on two threads
-        a.x, a.out, a.rows, a.in_dtype = x.data_ptr(), out.data_ptr(), t, IN_DTYPES[x.dtype]
+        a.x, a.out, a.rows, a.in_dtype = x.data_ptr(), out.data_ptr(), t, DTYPES[x.dtype]
         if scale is not None:
             a.scale = scale.data_ptr()
         if self.fn(ctypes.byref(a)):
@@ -264,15 +269,21 @@ class Finish:
 
     @classmethod
     def of(
-        cls, n: int, bias: torch.Tensor | None, restore: tuple[torch.Tensor | None, ...]
+        cls,
+        n: int,
+        bias: torch.Tensor | None,
+        restore: torch.Tensor | None,
+        restore_tail: torch.Tensor | None,
+        restore_scales: torch.Tensor | None,
     ) -> Finish | None:
-        """restore: (blocks, tail, row scales or None). None where the library is missing or a
-        tensor is not as the C code reads it."""
+        """The arguments of `finish_op`: the bias, the restore's blocks, tail and row scales
+        (or None). None where the library is missing or a tensor is not as the C code reads it."""
         lib = library()
-        if lib is None or not _cpu_floats(bias, *restore):
+        tensors = (bias, restore, restore_tail, restore_scales)
+        if lib is None or not _cpu_floats(*tensors):
             return None
-        args = _Finish(bias=_ptr(bias), restore=_blocks(*restore), n=n)
-        keep = tuple(t for t in (bias, *restore) if t is not None)
+        args = _Finish(bias=_ptr(bias), restore=_blocks(restore, restore_tail, restore_scales), n=n)
+        keep = tuple(t for t in tensors if t is not None)
         return cls(args, keep, lib.duquant_finish)
 
     def __call__(self, y: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -280,16 +291,10 @@ class Finish:
         out = torch.empty(y.shape, dtype=dtype)
         a = _Finish.from_buffer_copy(self.args)
         a.y, a.out, a.scale, a.rows = y.data_ptr(), out.data_ptr(), scale.data_ptr(), y.shape[0]
-        a.out_kind = OUT_DTYPES[dtype]
+        a.out_kind = DTYPES[dtype]
         if self.fn(ctypes.byref(a)):
             raise MemoryError("prep: no memory for a row buffer")
         return out
-
-
-def _blockdiag(h: torch.Tensor, blocks: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
-    nb, b, _ = blocks.shape
-    head = torch.einsum("tki,kij->tkj", h[:, : nb * b].reshape(len(h), nb, b), blocks)
-    return torch.cat([head.reshape(len(h), -1), h[:, nb * b :] @ tail], 1)
 
 
 def _agrees(lib: ctypes.CDLL) -> bool:
@@ -309,8 +314,8 @@ def _agrees(lib: ctypes.CDLL) -> bool:
     scales = (2.0 ** torch.randint(-2, 3, (nb, 16), generator=gen)).float()
     tail = torch.eye(4) / 2
     perm = torch.randperm(n, generator=gen)
-    h = _blockdiag(x * torch.cat([scales.view(-1), torch.ones(4)]), shared, tail)
-    h = _blockdiag(h[:, perm], distinct, tail)
+    h = apply_blocks(x * torch.cat([scales.view(-1), torch.ones(4)]), shared, tail)
+    h = apply_blocks(h[:, perm], distinct, tail)
     scale = torch.maximum(h.amax(1, keepdim=True), -h.amin(1, keepdim=True)).mul_(1 / 127)
     want = torch.div(h, scale).round_().add_(128).to(torch.uint8)
     shared = shared.contiguous()
@@ -332,8 +337,10 @@ def _agrees(lib: ctypes.CDLL) -> bool:
     # The int8 tail: y * scale + bias, the restore (distinct blocks and a tail), bfloat16.
     bias = torch.randint(-8, 9, (n,), generator=gen).float() / 4
     tok = (2.0 ** torch.randint(-3, 3, (rows, 1), generator=gen)).float()
-    want = _blockdiag(x * tok + bias, distinct, tail).to(torch.bfloat16)
-    fin = _Finish(bias=_ptr(bias), restore=_blocks(distinct, tail, None), n=n, out_kind=1)
+    want = apply_blocks(x * tok + bias, distinct, tail).to(torch.bfloat16)
+    fin = _Finish(
+        bias=_ptr(bias), restore=_blocks(distinct, tail, None), n=n, out_kind=DTYPES[torch.bfloat16]
+    )
     got = torch.empty(rows, n, dtype=torch.bfloat16)
     fin.y, fin.out, fin.scale, fin.rows = _ptr(x), _ptr(got), _ptr(tok), rows
     return lib.duquant_finish(ctypes.byref(fin)) == 0 and torch.equal(got, want)
@@ -356,13 +363,7 @@ def prep_op(
     """`Prep` as one opaque op, for torch.compile: the layer's tensors are its arguments, so a
     compiled graph always reads the layer's current buffers. The scale is empty for dense."""
     fused = Prep.of(
-        x.shape[1],
-        perm,
-        (in1, in1_tail, in1_scales),
-        (in2, in2_tail, in2_scales),
-        a_bits,
-        clip,
-        dtype,
+        x.shape[1], perm, in1, in1_tail, in1_scales, in2, in2_tail, in2_scales, a_bits, clip, dtype
     )
     if fused is None:
         raise RuntimeError("duquant::prep: the fused activation path cannot run these tensors")
@@ -387,7 +388,7 @@ def finish_op(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """`Finish` as one opaque op, for torch.compile."""
-    fused = Finish.of(y.shape[1], bias, (restore, restore_tail, restore_scales))
+    fused = Finish.of(y.shape[1], bias, restore, restore_tail, restore_scales)
     if fused is None:
         raise RuntimeError("duquant::finish: the fused int8 tail cannot run these tensors")
     return fused(y.contiguous(), scale, dtype)
