@@ -22,6 +22,7 @@ from duquant_cli.formats.manifest import LayerEntry
 from duquant_cli.math.bitpack import unpack_codes
 from duquant_cli.math.blocks import BlockDiag, apply_blocks_rows
 from duquant_cli.math.quantize import dequantize, sym_zero
+from duquant_cli.runtime.gemv import GEMV_ROWS, Gemv, note_layout
 from duquant_cli.runtime.support import choose, int4_group
 
 if TYPE_CHECKING:
@@ -294,7 +295,9 @@ class OneDnnInt8Kernel(Int8Kernel):
         return buffers | {"weight": self.pack(buffers["weight"])}
 
     def pack(self, weight: torch.Tensor) -> torch.Tensor:
-        return torch.ops.onednn.qlinear_prepack(weight, None)
+        packed = torch.ops.onednn.qlinear_prepack(weight, None)
+        note_layout(weight, packed)  # whether `Gemv` may read it (once per shape)
+        return packed
 
     def unpack(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.to_dense().t().contiguous()  # oneDNN holds it [in, out]
@@ -353,7 +356,10 @@ def _onednn_qlinear(u: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) 
 
 @torch.library.custom_op("duquant::onednn_qlinear", mutates_args=())
 def onednn_qlinear(u: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """uint8 u (codes + 128) [T, in] -> float32 ((u - 128) W^T) * scale, W prepacked."""
+    """uint8 u (codes + 128) [T, in] -> float32 ((u - 128) W^T) * scale, W prepacked; at one
+    to four tokens by `Gemv` where it runs (the same bits)."""
+    if u.shape[0] <= GEMV_ROWS and (few := Gemv.of(weight, scale)) is not None:
+        return few(u)
     return _onednn_qlinear(u, weight, scale)
 
 

@@ -39,13 +39,14 @@ from duquant_cli.runtime.backends import (
     rows_eagerly,
     rows_weight_first,
 )
+from duquant_cli.runtime.gemv import GEMV_ROWS, Gemv
 from duquant_cli.runtime.prep import DTYPES, Finish, Prep, finish_op, prep_op
 
 _BLOCK_FIELDS = ("in1", "in1_tail", "in2", "in2_tail", "out", "out_tail")
 # Derived at load, not saved: the row scales of block stacks that are one matrix up to them.
 _ROW_SCALE_FIELDS = ("in1_row_scales", "in2_row_scales", "out_row_scales")
 # Held in float32 whatever the model's dtype: `model.to(dtype)` moves them but does not cast.
-FLOAT32_FIELDS = (*_BLOCK_FIELDS, *_ROW_SCALE_FIELDS, "bias", "act_scale")
+FLOAT32_FIELDS = (*_BLOCK_FIELDS, *_ROW_SCALE_FIELDS, "bias", "act_scale", "weight_scale")
 FIELDS = ("perm", *_BLOCK_FIELDS, "weight", "qweight", "scale", "zero", "bias", "act_scale")
 _FLOATS = ("float32", "float16", "bfloat16")
 ACT_DYNAMIC, ACT_STATIC, ACT_NONE = "dynamic", "static", "none"
@@ -215,6 +216,7 @@ class _RowPlan:
     observer: object | None
     prep: Prep | None  # the fused activation path, where it runs this layer (`runtime.prep`)
     finish: Finish | None  # and the int8 tail: scale, bias, restore, cast
+    gemv: Gemv | None  # the int8 matmul at one to four tokens (`runtime.gemv`)
 
 
 def _fake_quant(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -580,6 +582,7 @@ class DuQuantLinear(nn.Module):
                 observer=self.observer,
                 prep=None if compiling else self._prep(),
                 finish=None if compiling else self._finish(),
+                gemv=None if compiling or not self._finishes() else self._gemv(),
             )
             if not compiling:
                 self.__dict__["_plan"] = plan
@@ -631,6 +634,10 @@ class DuQuantLinear(nn.Module):
         """The fused tail of this layer's eager row-major int8 forward."""
         return Finish.of(self.out_features, *self._finish_args()) if self._finishes() else None
 
+    def _gemv(self) -> Gemv | None:
+        """The int8 matmul at a few tokens, where its C kernel reads this layer's weight."""
+        return Gemv.of(self.weight, self.weight_scale)
+
     @property
     def fused(self) -> bool:
         """Whether the eager row-major forward (every oneDNN layer's) runs its activation path
@@ -674,7 +681,10 @@ class DuQuantLinear(nn.Module):
             return self._dense_rows(h, p, compiling)
         # int8 on oneDNN: float32 with the weight scale applied. In place where autograd does
         # not need y (it is this forward's own).
-        y = p.kernel.linear_rows(self, h)
+        if p.gemv is not None and h.dtype == torch.uint8 and h.shape[0] <= GEMV_ROWS:
+            y = p.gemv(h)
+        else:
+            y = p.kernel.linear_rows(self, h)
         tail = x.dtype in DTYPES and not y.requires_grad and scale is not None
         if p.finish is not None and tail:
             return p.finish(y, scale, x.dtype)

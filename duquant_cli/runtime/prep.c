@@ -290,3 +290,83 @@ static void finish_one(const void *f, int64_t i, float *a, float *c) { finish_ro
 
 int duquant_prep(const prep_t *p) { return each_row(prep_row, p, p->rows, p->n); }
 int duquant_finish(const finish_t *f) { return each_row(finish_one, f, f->rows, f->n); }
+
+/* The int8 matmul at a few tokens, (u - 128) W^T * scale as oneDNN's computes it (exact int32
+   sums, then one float32 product), reading the weight oneDNN prepacked for itself: 64 outputs
+   by 4 inputs per 256 bytes, [ceil(n / 64)][kp / 4][64][4] with the inputs padded to kp, then
+   int32 comp[n] = -(sum of the row's codes). oneDNN's kernel there reads the weight at half
+   the speed and costs 20 us a call more; `prep.py` checks the layout against oneDNN's before
+   any layer uses this. */
+typedef struct {
+    const uint8_t *u;    /* [rows, k]: codes + 128 */
+    const int8_t *w;     /* oneDNN's prepacked weight, as above */
+    const float *scale;  /* [n]: the weight's per-row scale */
+    float *y;            /* [rows, n] */
+    int64_t rows, n, k, kp;
+} gemv_t;
+
+#define GEMV_ROWS 4 /* tokens sharing one read of the weight (16 accumulators) */
+
+#ifdef __AVX512VNNI__
+/* acc[t] += u[t, 4q .. 4q + 3] . w for the 64 outputs of one 256-byte group; `bytes` < 4 in
+   the last group where k is not a multiple of 4 (zero inputs past k, against the padding's
+   zero weights). */
+static inline __attribute__((always_inline)) void gemv_group(__m512i acc[][4], const int8_t *wq,
+                                                              const uint8_t *u, int64_t k,
+                                                              const int m, size_t bytes) {
+    const __m512i w0 = _mm512_loadu_si512(wq), w1 = _mm512_loadu_si512(wq + 64);
+    const __m512i w2 = _mm512_loadu_si512(wq + 128), w3 = _mm512_loadu_si512(wq + 192);
+    for (int t = 0; t < m; t++) {
+        int32_t four = 0;
+        memcpy(&four, u + t * k, bytes);
+        const __m512i x = _mm512_set1_epi32(four);
+        acc[t][0] = _mm512_dpbusd_epi32(acc[t][0], x, w0);
+        acc[t][1] = _mm512_dpbusd_epi32(acc[t][1], x, w1);
+        acc[t][2] = _mm512_dpbusd_epi32(acc[t][2], x, w2);
+        acc[t][3] = _mm512_dpbusd_epi32(acc[t][3], x, w3);
+    }
+}
+
+/* m tokens (1..GEMV_ROWS, a constant where inlined) by one 64-output block. */
+static inline __attribute__((always_inline)) void gemv_block(const gemv_t *g, int64_t t0,
+                                                              const int m, int64_t n0) {
+    const int8_t *w = g->w + n0 * g->kp;
+    const uint8_t *u = g->u + t0 * g->k;
+    const int64_t k = g->k, full = k / 4;
+    __m512i acc[GEMV_ROWS][4];
+    for (int t = 0; t < m; t++)
+        for (int j = 0; j < 4; j++) acc[t][j] = _mm512_setzero_si512();
+    for (int64_t q = 0; q < full; q++) gemv_group(acc, w + q * 256, u + 4 * q, k, m, 4);
+    if (k % 4) gemv_group(acc, w + full * 256, u + 4 * full, k, m, k % 4);
+    const int32_t *comp = (const int32_t *)(g->w + ((g->n + 63) / 64) * 64 * g->kp) + n0;
+    for (int j = 0; j < 4 && n0 + 16 * j < g->n; j++) {
+        const int64_t left = g->n - n0 - 16 * j;
+        const __mmask16 mask = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);
+        const __m512i c = _mm512_slli_epi32(_mm512_maskz_loadu_epi32(mask, comp + 16 * j), 7);
+        const __m512 s = _mm512_maskz_loadu_ps(mask, g->scale + n0 + 16 * j);
+        for (int t = 0; t < m; t++) {
+            const __m512 v = _mm512_cvtepi32_ps(_mm512_add_epi32(acc[t][j], c));
+            _mm512_mask_storeu_ps(g->y + (t0 + t) * g->n + n0 + 16 * j, mask, _mm512_mul_ps(v, s));
+        }
+    }
+}
+
+int duquant_gemv(const gemv_t *g) {
+    const int64_t blocks = (g->n + 63) / 64, tiles = (g->rows + GEMV_ROWS - 1) / GEMV_ROWS;
+#pragma omp parallel for schedule(static) if (blocks > 1)
+    for (int64_t i = 0; i < blocks * tiles; i++) {
+        const int64_t t0 = i / blocks * GEMV_ROWS, n0 = i % blocks * 64;
+        switch (g->rows - t0 < GEMV_ROWS ? g->rows - t0 : GEMV_ROWS) {
+        case 1: gemv_block(g, t0, 1, n0); break;
+        case 2: gemv_block(g, t0, 2, n0); break;
+        case 3: gemv_block(g, t0, 3, n0); break;
+        default: gemv_block(g, t0, GEMV_ROWS, n0);
+        }
+    }
+    return 0;
+}
+int duquant_has_gemv(void) { return 1; }
+#else /* no VNNI: oneDNN's kernel only */
+int duquant_gemv(const gemv_t *g) { (void)g; return 1; }
+int duquant_has_gemv(void) { return 0; }
+#endif

@@ -120,6 +120,19 @@ def test_to_takes_the_kernel_of_the_new_dtype(tmp_path: Path) -> None:
     assert torch.equal(layer.plain_weight, w32.half().bfloat16())
 
 
+def test_int8_layers_keep_a_float32_weight_scale_through_to(tmp_path: Path) -> None:
+    """`model.to(torch.bfloat16)` leaves the int8 weight scale float32 (oneDNN's int8 kernel
+    takes no other; it used to be cast, and the next forward raised), with the same outputs."""
+    model = _model(tmp_path, "int8")
+    layer = model.get_submodule(LINEARS[0])
+    x = torch.randn(6, DIMS[0]).bfloat16()
+    with torch.no_grad():
+        want = model(x)
+        model.to(torch.bfloat16)
+        assert layer.weight_scale.dtype == torch.float32 and layer.weight.is_mkldnn
+        assert torch.equal(model(x), want)
+
+
 def test_backward_through_the_prepacked_matmul(tmp_path: Path) -> None:
     """The input gradient of the w16a16 oneDNN layer is torch's kernel's (x W^T's: W)."""
     model = _model(tmp_path, "dense", precision=Precision(16, 16))
