@@ -36,7 +36,12 @@ def bench_cmd(
         ),
     ] = 1,
     compile_: Annotated[
-        bool, typer.Option("--compile", help="Also time torch.compile'd dense against eager.")
+        bool,
+        typer.Option(
+            "--compile",
+            help="Also time torch.compile'd dense layers, and a compiled model of Gemma MLP "
+            "blocks, against eager.",
+        ),
     ] = False,
     calibrated: Annotated[
         bool,
@@ -50,7 +55,13 @@ def bench_cmd(
     """Measure pack speed, forward speed against nn.Linear, and memory, side by side."""
     import torch
 
-    from duquant_cli.commands.bench import FORWARD_SHAPES, bench, bench_compile, bench_pack
+    from duquant_cli.commands.bench import (
+        FORWARD_SHAPES,
+        bench,
+        bench_compile,
+        bench_compile_model,
+        bench_pack,
+    )
 
     if threads:
         torch.set_num_threads(threads)
@@ -69,6 +80,10 @@ def bench_cmd(
         if compile_:
             result["compile"] = bench_compile(
                 shapes=shapes, repeats=repeats, calibrated=calibrated, stack=stack
+            )
+            hidden, inner = (512, 4096) if small else (2048, 16384)
+            result["compile_model"] = bench_compile_model(
+                hidden, inner, repeats=repeats, calibrated=calibrated
             )
     if part in (Part.ALL, Part.PACK):
         result["pack"] = bench_pack(small=small, block=block, bits=bits)
@@ -158,6 +173,34 @@ def _print(result: dict) -> None:
         if result["stack"] > 1:
             title += f", {result['stack']} copies compiled as one module"
         out.print(_table(title, cols, rows))
+    if "compile_model" in result:
+        rows = (
+            (
+                c["dtype"],
+                str(c["tokens"]),
+                f"{c['linear_us']:.0f}",
+                f"{c['linear_compiled_vs_eager']:.3f}",
+                f"{c['duquant_vs_linear']:.3f}",
+                f"{c['duquant_compiled_vs_eager']:.3f}",
+                f"{c['duquant_compiled_vs_linear']:.3f}",
+                f"{c['compile_s']:.1f}",
+                f"{c['rel_diff']:.1e}",
+            )
+            for c in result["compile_model"]
+        )
+        cols = (
+            "dtype",
+            "tokens",
+            "nn.Linear model us",
+            "nn.Linear: compiled / eager",
+            "DuQuant / nn.Linear",
+            "DuQuant: compiled / eager",
+            "DuQuant compiled / nn.Linear",
+            "compile s",
+            "rel. diff",
+        )
+        title = f"torch.compile(fullgraph=True) of a model: {result['compile_model'][0]['model']}"
+        out.print(_table(title + ", DuQuant dense layers (median)", cols, rows))
     if "pack" in result:
         p = result["pack"]
         t = Table(title=f"pack: {p['checkpoint']}", show_header=False)

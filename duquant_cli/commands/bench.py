@@ -381,6 +381,96 @@ def _compile_row(layer: DuQuantLinear, tokens: int, repeats: int, stack: int = 1
     }
 
 
+class _GemmaMlp(nn.Module):
+    """A Gemma decoder's MLP with its pre-norm and residual: what a model compiles around its
+    linear layers (RMSNorm, GELU, the gating product, the residual add)."""
+
+    def __init__(self, hidden: int, inner: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.norm = nn.Parameter(torch.zeros(hidden, dtype=dtype))
+        self.gate_proj = nn.Linear(hidden, inner, bias=False, dtype=dtype)
+        self.up_proj = nn.Linear(hidden, inner, bias=False, dtype=dtype)
+        self.down_proj = nn.Linear(inner, hidden, bias=False, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + self.norm.float())
+        h = h.to(x.dtype)
+        gate = nn.functional.gelu(self.gate_proj(h), approximate="tanh")
+        return x + self.down_proj(gate * self.up_proj(h))
+
+
+class _Blocks(nn.Module):
+    def __init__(self, blocks: list[nn.Module]) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+def bench_compile_model(
+    hidden: int = 2048,
+    inner: int = 16384,
+    blocks: int = 2,
+    tokens: tuple[int, ...] = (1, 64),
+    dtypes: tuple[torch.dtype, ...] = DTYPES,
+    repeats: int = 15,
+    calibrated: bool = False,
+) -> list[dict]:
+    """torch.compile(fullgraph=True) of a model, `blocks` Gemma MLP blocks at pi0.5's language
+    model shapes, against the same model eagerly: with nn.Linear, and with DuQuant dense layers
+    (w4a8 block 16), the four timed in alternation. What compiling buys a model, and whether
+    DuQuant layers keep it."""
+    rows = []
+    shapes = ((inner, hidden), (hidden, inner))  # gate and up share the first pack entry
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / "c.safetensors"
+        _write_checkpoint(ckpt, shapes)
+        p, _ = _pack_shapes(ckpt, Path(tmp) / "p", shapes, "w4a8", 16, calibrated)
+        wide, narrow = p.layers
+        for dtype in dtypes:
+            lin = _Blocks([_GemmaMlp(hidden, inner, dtype) for _ in range(blocks)])
+            dq = copy.deepcopy(lin)
+            for b in dq.blocks:
+                for attr, name in (("gate_proj", wide), ("up_proj", wide), ("down_proj", narrow)):
+                    layer = DuQuantLinear.from_pack(
+                        p.layers[name], p.load(name), bias=None, dtype=dtype
+                    )
+                    setattr(b, attr, layer)
+            models = {"linear": lin, "duquant": dq}
+            compiled = {k: torch.compile(m, fullgraph=True) for k, m in models.items()}
+            for t in tokens:
+                x = torch.randn(t, hidden, dtype=dtype)
+                with torch.inference_mode():
+                    t0 = time.perf_counter()
+                    first = compiled["duquant"](x).float()
+                    compile_s = time.perf_counter() - t0
+                    eager = dq(x).float()
+                    fns = {k: (lambda m=m, x=x: m(x)) for k, m in models.items()}
+                    fns |= {k + "_compiled": (lambda m=m, x=x: m(x)) for k, m in compiled.items()}
+                    med = _interleaved(fns, repeats)
+                rows.append(
+                    {
+                        "model": f"{blocks} Gemma MLP blocks, {hidden}x{inner}",
+                        "dtype": str(dtype).removeprefix("torch."),
+                        "tokens": t,
+                        "linear_us": med["linear"] * 1e6,
+                        "linear_compiled_vs_eager": med["linear_compiled"] / med["linear"],
+                        "duquant_vs_linear": med["duquant"] / med["linear"],
+                        "duquant_compiled_vs_eager": med["duquant_compiled"] / med["duquant"],
+                        "duquant_compiled_vs_linear": med["duquant_compiled"] / med["linear"],
+                        "compile_s": compile_s,
+                        "rel_diff": ((first - eager).norm() / eager.norm()).item(),
+                    }
+                )
+            del lin, dq, models, compiled
+            gc.collect()
+    return rows
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident set so far, in MiB (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -13,6 +13,7 @@ from duquant_cli.commands.bench import (
     _time_forward,
     bench,
     bench_compile,
+    bench_compile_model,
     bench_pack,
 )
 from duquant_cli.runtime.backends import Backend, kernel_for
@@ -72,6 +73,19 @@ def test_compiled_rows_compute_what_eager_does(stack: int) -> None:
     assert rows[0]["compiled_vs_eager"] == pytest.approx(ratio, rel=1e-9)
 
 
+def test_compiled_model_rows_time_both_models_and_compute_what_eager_does() -> None:
+    """The compiled DuQuant model computes what the eager one does (float32: the same codes up
+    to a rounding flip); every ratio is of the four timings of one run."""
+    rows = bench_compile_model(64, 256, blocks=2, tokens=(1, 5), dtypes=(torch.float32,), repeats=2)
+    assert [(r["dtype"], r["tokens"]) for r in rows] == [("float32", 1), ("float32", 5)]
+    for r in rows:
+        assert r["rel_diff"] < 1e-2 and r["compile_s"] > 0 and r["linear_us"] > 0
+        lin_c, dq_c = r["linear_compiled_vs_eager"], r["duquant_compiled_vs_eager"]
+        assert r["duquant_compiled_vs_linear"] == pytest.approx(dq_c * r["duquant_vs_linear"])
+        assert min(lin_c, dq_c, r["duquant_vs_linear"]) > 0
+    assert rows[0]["model"] == "2 Gemma MLP blocks, 64x256"
+
+
 def test_small_pack_reports_size_rss_and_the_generation_peak_apart() -> None:
     r = bench_pack(small=True)
     assert r["params"] == 2 * sum(o * n for o, n in _pi05_shapes()) // 16
@@ -102,6 +116,18 @@ def test_cli_json_and_tables() -> None:
     for title in ("pack time per layer", "forward: time / nn.Linear", "memory per layer"):
         assert title in text.output
     assert "4096x512" in text.output and "int4" in text.output
+
+
+def test_cli_compile_tables() -> None:
+    threads = torch.get_num_threads()
+    args = ("bench", "--part", "forward", "--small", "--repeats", "1", "--threads", "1")
+    try:
+        res = run(*args, "--compile")
+    finally:
+        torch.set_num_threads(threads)
+    assert res.exit_code == 0, res.output
+    assert "torch.compile(fullgraph=True), dense" in res.output
+    assert "of a model: 2 Gemma MLP blocks, 512x4096" in res.output
 
 
 class _Counted(nn.Linear):
