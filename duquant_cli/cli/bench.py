@@ -184,7 +184,7 @@ def _print(result: dict) -> None:
                 f"{c['duquant_compiled_vs_eager']:.3f}",
                 f"{c['duquant_compiled_vs_linear']:.3f}",
                 f"{c['compile_s']:.1f}",
-                f"{c['rel_diff']:.1e}",
+                f"{c['rel_diff']:.1e} ({c['linear_rel_diff']:.1e})",
             )
             for c in result["compile_model"]
         )
@@ -197,7 +197,7 @@ def _print(result: dict) -> None:
             "DuQuant: compiled / eager",
             "DuQuant compiled / nn.Linear",
             "compile s",
-            "rel. diff",
+            "rel. diff (nn.Linear)",
         )
         title = f"torch.compile(fullgraph=True) of a model: {result['compile_model'][0]['model']}"
         out.print(_table(title + ", DuQuant dense layers (median)", cols, rows))

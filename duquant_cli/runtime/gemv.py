@@ -135,6 +135,8 @@ class Gemv:
         """For a weight from `torch.ops.onednn.qlinear_prepack` ([in, out] as torch sees it) and
         its float32 scale [out]; None where the kernel or the layout check says no."""
         k, n = weight.shape
+        if k * 255 * 128 >= 2**31:  # its int32 sums of (codes + 128) x codes could overflow
+            return None
         scale = scale.reshape(-1)
         if scale.dtype != torch.float32 or not scale.is_contiguous() or scale.numel() != n:
             return None

@@ -79,7 +79,8 @@ def test_compiled_model_rows_time_both_models_and_compute_what_eager_does() -> N
     rows = bench_compile_model(64, 256, blocks=2, tokens=(1, 5), dtypes=(torch.float32,), repeats=2)
     assert [(r["dtype"], r["tokens"]) for r in rows] == [("float32", 1), ("float32", 5)]
     for r in rows:
-        assert r["rel_diff"] < 1e-2 and r["compile_s"] > 0 and r["linear_us"] > 0
+        assert r["rel_diff"] < 1e-2 and r["linear_rel_diff"] < 1e-4
+        assert r["compile_s"] > 0 and r["linear_us"] > 0
         lin_c, dq_c = r["linear_compiled_vs_eager"], r["duquant_compiled_vs_eager"]
         assert r["duquant_compiled_vs_linear"] == pytest.approx(dq_c * r["duquant_vs_linear"])
         assert min(lin_c, dq_c, r["duquant_vs_linear"]) > 0

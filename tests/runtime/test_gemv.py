@@ -63,6 +63,14 @@ def test_a_scale_it_cannot_read_is_refused() -> None:
     assert Gemv.of(packed, torch.ones(32)) is None
 
 
+def test_inputs_whose_sums_could_overflow_are_left_to_onednn() -> None:
+    """Past 65793 inputs, 255 x 128 per input no longer fits the int32 sums."""
+    for k, runs in ((65793, True), (65794, False)):
+        w, packed = _packed(1, k)
+        note_layout(w, packed)
+        assert (Gemv.of(packed, torch.ones(1)) is not None) is runs
+
+
 def _model(tmp_path: Path, dtype: torch.dtype) -> TinyNet:
     base = TinyNet(dims=DIMS)
     model = clone_model(base, dims=DIMS).to(dtype)
