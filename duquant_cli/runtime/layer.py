@@ -15,7 +15,9 @@ it writes the output (see `backends`).
 
 from __future__ import annotations
 
+import itertools
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +42,7 @@ from duquant_cli.runtime.backends import (
     rows_weight_first,
 )
 from duquant_cli.runtime.gemv import GEMV_ROWS, Gemv
-from duquant_cli.runtime.prep import DTYPES, Finish, Prep, finish_op, prep_op
+from duquant_cli.runtime.prep import DTYPES, Finish, Prep
 
 _BLOCK_FIELDS = ("in1", "in1_tail", "in2", "in2_tail", "out", "out_tail")
 # Derived at load, not saved: the row scales of block stacks that are one matrix up to them.
@@ -305,6 +307,33 @@ def entry_problems(entry: LayerEntry) -> list[str]:
     return [f"{entry.name}: {p}" for p in probs]
 
 
+# Every layer by a key of its own, which a compiled graph holds as a constant (`fused_rows`).
+_LAYERS: weakref.WeakValueDictionary[int, DuQuantLinear] = weakref.WeakValueDictionary()
+_KEYS = itertools.count()
+
+
+def _register(layer: DuQuantLinear) -> int:
+    key = next(_KEYS)
+    _LAYERS[key] = layer
+    return key
+
+
+@torch.library.custom_op("duquant::fused_rows", mutates_args=())
+def fused_rows(x: torch.Tensor, key: int) -> torch.Tensor:
+    """The layer `key`'s eager fused forward (`forward_rows`: its plan, the C code, its
+    kernel) as one opaque op, for torch.compile: the compiled graph gives eager's bits, reads
+    the layer's current buffers, and pays one op call a layer (three separate ops, each
+    checking its tensors again, cost a compiled SmolLM2 a third more than eager at one token)."""
+    return _LAYERS[key].forward_rows(x)
+
+
+@fused_rows.register_fake
+def _(x: torch.Tensor, key: int) -> torch.Tensor:
+    layer = _LAYERS[key]
+    dtype = x.dtype if layer.backend is Backend.INT8 else layer.weight.dtype
+    return x.new_empty(x.shape[0], layer.out_features, dtype=dtype)
+
+
 class DuQuantLinear(nn.Module):
     """A linear layer whose input is transformed, quantized, and multiplied by a pre-quantized,
     pre-transformed weight, then restored.
@@ -364,6 +393,7 @@ class DuQuantLinear(nn.Module):
         self.observer: object | None = None
         self.inputs_shared = False  # every input block transform (if any) one matrix up to scales
         self.use_fused = True  # False: the activation path as torch ops even where C runs it
+        self._key = _register(self)  # what compiled graphs call it by (`fused_rows`)
         for f in ("perm", *_BLOCK_FIELDS, "weight", "bias", "act_scale"):
             self.register_buffer(f, None)
         for f in _ROW_SCALE_FIELDS:
@@ -603,36 +633,25 @@ class DuQuantLinear(nn.Module):
             return self.weight.dtype
         return None
 
-    def _prep_args(self) -> tuple:
-        """What the fused activation path reads, for `Prep.of` eagerly and `prep_op` compiled."""
-        return (
-            self.perm,
-            self.in1,
-            self.in1_tail,
-            self.in1_row_scales,
-            self.in2,
-            self.in2_tail,
-            self.in2_row_scales,
-            self.a_bits,
-            self.act_clip,
-        )
-
     def _prep(self) -> Prep | None:
         """The fused activation path of this layer's eager row-major forward."""
         dtype = self._prep_dtype()
-        return None if dtype is None else Prep.of(self.in_features, *self._prep_args(), dtype)
+        if dtype is None:
+            return None
+        blocks = (self.in1, self.in1_tail, self.in1_row_scales)
+        blocks += (self.in2, self.in2_tail, self.in2_row_scales)
+        return Prep.of(self.in_features, self.perm, *blocks, self.a_bits, self.act_clip, dtype)
 
     def _finishes(self) -> bool:
         """Whether this layer's int8 tail may run fused: int8 on oneDNN, `use_fused`."""
         return self.use_fused and self.backend is Backend.INT8 and self.kernel.rows
 
-    def _finish_args(self) -> tuple:
-        """What the fused int8 tail reads, for `Finish.of` eagerly and `finish_op` compiled."""
-        return (self.bias, self.out, self.out_tail, self.out_row_scales)
-
     def _finish(self) -> Finish | None:
         """The fused tail of this layer's eager row-major int8 forward."""
-        return Finish.of(self.out_features, *self._finish_args()) if self._finishes() else None
+        if not self._finishes():
+            return None
+        restore = (self.out, self.out_tail, self.out_row_scales)
+        return Finish.of(self.out_features, self.bias, *restore)
 
     def _gemv(self) -> Gemv | None:
         """The int8 matmul at a few tokens, where its C kernel reads this layer's weight."""
@@ -644,6 +663,14 @@ class DuQuantLinear(nn.Module):
         fused, in `runtime.prep`'s C code, rather than as torch ops (set `use_fused = False`
         to have torch ops run it anyway)."""
         return self._row_plan(False).prep is not None
+
+    def _fuses_compiled(self) -> bool:
+        """Whether a compiled graph calls this layer's eager fused forward (`fused_rows`)
+        for a plain CPU input: where it runs fused eagerly (int8 with its tail; dense outside
+        autocast, whose matmul dtype the layer's own forward picks)."""
+        if not prep.AVAILABLE or self._prep_dtype() is None:
+            return False
+        return self._finishes() or not torch.is_autocast_enabled("cpu")
 
     def __setattr__(self, name: str, value: object) -> None:
         self.__dict__.pop("_plan", None)  # whatever changed, `_row_plan` gathers it again
@@ -667,14 +694,12 @@ class DuQuantLinear(nn.Module):
         `rows_weight_first` picks it; eagerly it is nn.Linear's. Shared block matrices are one
         mm each (`_RowBlocks`)."""
         compiling = torch.compiler.is_compiling()
-        p = self._row_plan(compiling)
         plain = x.dtype in DTYPES and not x.requires_grad and x.device.type == "cpu"
+        if compiling and plain and self._fuses_compiled():
+            return fused_rows(x, self._key)
+        p = self._row_plan(compiling)
         if p.prep is not None and plain:
             h, scale = p.prep(x)
-        elif compiling and plain and (dtype := self._prep_dtype()) is not None and prep.AVAILABLE:
-            # The same C code as one opaque op: the compiled layer gives eager's bits.
-            h, scale = prep_op(x, *self._prep_args(), dtype)
-            scale = scale if dtype == torch.uint8 else None
         else:
             h, scale = self._quantize_rows(x, p, compiling)
         if p.dense:
@@ -688,8 +713,6 @@ class DuQuantLinear(nn.Module):
         tail = x.dtype in DTYPES and not y.requires_grad and scale is not None
         if p.finish is not None and tail:
             return p.finish(y, scale, x.dtype)
-        if compiling and tail and self._finishes() and prep.AVAILABLE:
-            return finish_op(y, scale, *self._finish_args(), x.dtype)
         if scale is not None:
             y = torch.mul(y, scale) if y.requires_grad else y.mul_(scale)
         if p.bias is not None:
@@ -785,6 +808,7 @@ class DuQuantLinear(nn.Module):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        self._key = _register(self)  # a copy is a layer of its own
         if self.weight is not None:
             self._buffers["weight"] = self.kernel.pack(self.weight)
 

