@@ -2,7 +2,7 @@
 
 oneDNN's int8 matmul pays about 20 us a call before it reads anything, and at one token reads
 its weight at about half the speed the memory allows: on an EPYC, one token through a 2048x2048
-int8 weight took it 58-90 us, where `duquant_gemv` takes 25-32 us, and 2048x16384 550-1200 us
+int8 weight took it 58-96 us, where `duquant_gemv` takes 25-32 us, and 2048x16384 650-1200 us
 against 320-560 us. From five tokens on oneDNN's kernel is the faster one. `duquant_gemv` reads
 oneDNN's own buffer, so the layer keeps one copy of its weight. That layout is oneDNN's choice:
 it is checked on the first weight of each shape oneDNN packs (`note_layout`), and the kernel once
