@@ -385,6 +385,24 @@ def _compile_row(layer: DuQuantLinear, tokens: int, repeats: int, stack: int = 1
     }
 
 
+def _eager_and_compiled(
+    eager: dict[str, Callable[[], torch.Tensor]],
+    compiled: dict[str, Callable[[], torch.Tensor]],
+    repeats: int,
+) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """For each model: its first compiled call's seconds (the compile), the relative difference
+    of the compiled output from the eager one, and the median seconds per call of both (the
+    compiled one as `<name>_compiled`), all timed in alternation."""
+    compile_s, diffs = {}, {}
+    for k, f in compiled.items():
+        t0 = time.perf_counter()
+        got = f()
+        compile_s[k] = time.perf_counter() - t0
+        diffs[k] = _rel_diff(got, eager[k]())
+    fns = eager | {k + "_compiled": f for k, f in compiled.items()}
+    return compile_s, diffs, _interleaved(fns, repeats)
+
+
 class _GemmaMlp(nn.Module):
     """A Gemma decoder's MLP with its pre-norm and residual: what a model compiles around its
     linear layers (RMSNorm, GELU, the gating product, the residual add)."""
@@ -452,13 +470,11 @@ def bench_compile_model(
             for t in tokens:
                 x = torch.randn(t, hidden, dtype=dtype)
                 with torch.inference_mode():
-                    t0 = time.perf_counter()
-                    compiled["duquant"](x)
-                    compile_s = time.perf_counter() - t0
-                    diffs = {k: _rel_diff(compiled[k](x), m(x)) for k, m in models.items()}
-                    fns = {k: (lambda m=m, x=x: m(x)) for k, m in models.items()}
-                    fns |= {k + "_compiled": (lambda m=m, x=x: m(x)) for k, m in compiled.items()}
-                    med = _interleaved(fns, repeats)
+                    compile_s, diffs, med = _eager_and_compiled(
+                        {k: (lambda m=m, x=x: m(x)) for k, m in models.items()},
+                        {k: (lambda m=m, x=x: m(x)) for k, m in compiled.items()},
+                        repeats,
+                    )
                 rows.append(
                     {
                         "model": f"{blocks} Gemma MLP blocks, {hidden}x{inner}",
@@ -469,7 +485,7 @@ def bench_compile_model(
                         "duquant_vs_linear": med["duquant"] / med["linear"],
                         "duquant_compiled_vs_eager": med["duquant_compiled"] / med["duquant"],
                         "duquant_compiled_vs_linear": med["duquant_compiled"] / med["linear"],
-                        "compile_s": compile_s,
+                        "compile_s": compile_s["duquant"],
                         "rel_diff": diffs["duquant"],
                         "linear_rel_diff": diffs["linear"],
                     }
@@ -510,16 +526,15 @@ def bench_compile_lm(
             ids = torch.randint(0, 1000, (1, t), generator=torch.Generator().manual_seed(t))
             row: dict = {"model": "SmolLM2-135M", "dtype": "float32", "tokens": t}
             with torch.inference_mode():
-                for label in eager:
-                    t0 = time.perf_counter()
-                    got = compiled[label](ids)
-                    row[f"{label}_compile_s"] = time.perf_counter() - t0
-                    row[f"{label}_rel_diff"] = _rel_diff(got, eager[label](ids))
-                fns = {k: (lambda f=f, ids=ids: f(ids)) for k, f in eager.items()}
-                fns |= {k + "_compiled": (lambda f=f, ids=ids: f(ids)) for k, f in compiled.items()}
-                med = _interleaved(fns, repeats)
+                compile_s, diffs, med = _eager_and_compiled(
+                    {k: (lambda f=f, ids=ids: f(ids)) for k, f in eager.items()},
+                    {k: (lambda f=f, ids=ids: f(ids)) for k, f in compiled.items()},
+                    repeats,
+                )
             row["linear_ms"] = med["linear"] * 1e3
             for label in eager:
+                row[f"{label}_compile_s"] = compile_s[label]
+                row[f"{label}_rel_diff"] = diffs[label]
                 row[f"{label}_compiled_vs_eager"] = med[label + "_compiled"] / med[label]
                 row[f"{label}_vs_linear"] = med[label] / med["linear"]
             rows.append(row)

@@ -44,6 +44,13 @@ def _padded(size: int, block: int) -> int:
     return -(-size // block) * block
 
 
+def _sizes(n: int, k: int) -> tuple[int, int, int]:
+    """(padded outputs, padded inputs, bytes) of oneDNN's buffer for an [n, k] int8 weight:
+    the padded weight, then an int32 compensation per padded output."""
+    np_, kp = _padded(n, _BLOCK_OUT), _padded(k, _BLOCK_IN)
+    return np_, kp, np_ * (kp + 4)
+
+
 def _buffer(weight: torch.Tensor) -> tuple[int, int] | None:
     """(address, bytes) of a oneDNN prepacked tensor; None where this torch cannot say."""
     try:
@@ -75,8 +82,8 @@ def note_layout(weight: torch.Tensor, packed: torch.Tensor) -> None:
     if (n, k) in _LAYOUTS or weight.device.type != "cpu" or weight.min() == weight.max():
         return
     where = _buffer(packed)
-    np_, kp = _padded(n, _BLOCK_OUT), _padded(k, _BLOCK_IN)
-    if where is None or where[1] != np_ * kp + 4 * np_:
+    np_, kp, nbytes = _sizes(n, k)
+    if where is None or where[1] != nbytes:
         _LAYOUTS[(n, k)] = False
         return
     got = torch.frombuffer((ctypes.c_int8 * where[1]).from_address(where[0]), dtype=torch.int8)
@@ -110,7 +117,7 @@ def _kernel_ok() -> bool:
     u = torch.randint(0, 256, (GEMV_ROWS + 1, k), dtype=torch.uint8, generator=gen)
     scale = torch.rand(n, generator=gen) / 64
     exact = (u.double() - 128) @ w.double().t()  # exact: |sums| < 2^53
-    y = _call(lib.duquant_gemv, _buffer(packed)[0], scale, u, n, _padded(k, _BLOCK_IN))
+    y = _call(lib.duquant_gemv, _buffer(packed)[0], scale, u, n, _sizes(n, k)[1])
     if not torch.equal(y, exact.float() * scale):
         log.warning("duquant_gemv disagrees with the exact int8 matmul: not used")
         return False
@@ -145,8 +152,8 @@ class Gemv:
         if not _LAYOUTS.get((n, k)) or not _kernel_ok():
             return None
         where = _buffer(weight)
-        kp = _padded(k, _BLOCK_IN)
-        if where is None or where[1] != _padded(n, _BLOCK_OUT) * (kp + 4):
+        _, kp, nbytes = _sizes(n, k)
+        if where is None or where[1] != nbytes:
             return None
         return cls(weight, scale, where[0], n, kp, library().duquant_gemv)
 

@@ -612,7 +612,7 @@ class DuQuantLinear(nn.Module):
                 observer=self.observer,
                 prep=None if compiling else self._prep(),
                 finish=None if compiling else self._finish(),
-                gemv=None if compiling or not self._finishes() else self._gemv(),
+                gemv=None if compiling else self._gemv(),
             )
             if not compiling:
                 self.__dict__["_plan"] = plan
@@ -654,8 +654,9 @@ class DuQuantLinear(nn.Module):
         return Finish.of(self.out_features, self.bias, *restore)
 
     def _gemv(self) -> Gemv | None:
-        """The int8 matmul at a few tokens, where its C kernel reads this layer's weight."""
-        return Gemv.of(self.weight, self.weight_scale)
+        """The int8 matmul at a few tokens, where its C kernel reads this layer's weight (with
+        the fused tail, whose float32 input it writes)."""
+        return Gemv.of(self.weight, self.weight_scale) if self._finishes() else None
 
     @property
     def fused(self) -> bool:
